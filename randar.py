@@ -70,8 +70,10 @@ class RandARConfig:
 
 
 PRESETS = {
+    # For tests: the reference fixtures' size.
+    "tiny": RandARConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=32, block_size=16),
     # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes.
-    "demo": RandARConfig(dim=192, n_layer=6, n_head=6, multiple_of=64, num_classes=10,
+    "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10,
                          vocab_size=512, block_size=64),
     # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), Sec. 4.
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
@@ -323,10 +325,14 @@ class RandAR(nn.Module):
         return x, self.rope[slot_pos + 1]
 
     def _transformer(self, x, rope, input_pos=None):
+        """Hidden states of all fed slots; the output head is applied only where logits are read."""
         caches = self.kv_caches if input_pos is not None else [None] * len(self.layers)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, cache, input_pos)
-        return self.output(self.norm(x)).float()
+        return x
+
+    def head(self, h):
+        return self.output(self.norm(h)).float()
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -371,7 +377,7 @@ class RandAR(nn.Module):
         pairs, pair_rope = self.pairs(order, targets)
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs], dim=1)  # [B, 1 + 2N, D]
         rope = torch.cat([self.rope[:1].expand(B, 1, -1, -1), pair_rope], dim=1)
-        logits = self._transformer(x, rope)[:, 1::2]  # outputs at the PI slots -> [B, N, V]
+        logits = self.head(self._transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
@@ -389,7 +395,7 @@ class RandAR(nn.Module):
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs, self.position_instructions(queries)], 1)
         rope = torch.cat([self.rope[:1].expand(B, 1, -1, -1), pair_rope, self.rope[queries + 1]], 1)
         input_pos = torch.arange(x.size(1), device=x.device)
-        return self._transformer(x, rope, input_pos)[:, -n_queries:]
+        return self.head(self._transformer(x, rope, input_pos)[:, -n_queries:])
 
     def decode_step(self, order, done, new_tokens, n_queries):
         """Feed the tokens just sampled and ask for the next n_queries positions.
@@ -405,7 +411,7 @@ class RandAR(nn.Module):
         x = torch.cat([pairs[:, 1:], self.position_instructions(queries)], 1)  # [B, 2n-1+m, D]
         rope = torch.cat([pair_rope[:, 1:], self.rope[queries + 1]], 1)
         input_pos = torch.arange(2 * done + 2, 2 * done + 2 + x.size(1), device=x.device)
-        return self._transformer(x, rope, input_pos)[:, -n_queries:]
+        return self.head(self._transformer(x, rope, input_pos)[:, -n_queries:])
 
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg=(1.0, 1.0), temperature=1.0, top_k=0,

@@ -2,6 +2,7 @@
 
     python -m pytest -q test_randar.py
 """
+import json
 import os
 
 import pytest
@@ -223,3 +224,301 @@ def test_forward_rejects_bad_tokens_and_orders():
     with pytest.raises(ValueError, match="permutation"):
         model(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0, 1]), order=torch.ones(2, 16, dtype=torch.long))
     assert model.generate(torch.tensor([0]), temperature=0.0, top_k=1).shape == (1, 16)  # greedy is fine
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+import hashlib
+import http.server
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+import tokenizer as tok
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Debian package dataset-fashion-mnist not installed")
+
+
+def run(script, *argv, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, argv)], capture_output=True,
+                          text=True, **kw)
+
+
+def reference_vq(fx):
+    model = tok.VQModel(tok.VQConfig.from_dict(fx["tokenizer"]["config"]))
+    model.load_state_dict(fx["tokenizer"]["state_dict"], strict=True)
+    return model.eval()
+
+
+@needs_fixtures
+def test_tokenizer_matches_reference(fx):
+    model, case = reference_vq(fx), fx["tokenizer"]["case"]
+    ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
+    assert ours == [list(x) for x in fx["tokenizer"]["state_dict_keys"]]
+    with torch.no_grad():
+        enc = model.encoder(case["input"])
+        z_q, _, idx = model.quantize(model.quant_conv(enc))
+        assert (enc - case["encoder_output"]).abs().max() < 1e-4
+        assert (z_q - case["quant"]).abs().max() < 1e-4
+        assert torch.equal(idx.flatten(1), case["indices"])
+        assert (model.decode(idx) - case["decoded"]).abs().max() < 1e-4
+
+
+@needs_fixtures
+def test_tokenizer_training_mode_quantizer_matches_reference(fx):
+    ref = fx["tokenizer"]["case"]["train_mode_quantizer"]
+    model = tok.VQModel(tok.VQConfig.from_dict({**fx["tokenizer"]["config"], "entropy_loss_ratio": ref["entropy_loss_ratio"]}))
+    model.load_state_dict(fx["tokenizer"]["state_dict"], strict=True)
+    model.train()
+    z_q, losses, _ = model.quantize(fx["tokenizer"]["case"]["pre_quant"])
+    assert (z_q - ref["z_q"]).abs().max() < 1e-4
+    for ours, theirs in [("vq", "vq_loss"), ("commit", "commit_loss"), ("entropy", "entropy_loss")]:
+        assert abs(losses[ours].item() - ref[theirs].item()) < 1e-4
+    assert model.quantize.usage() == ref["codebook_usage"]
+    assert torch.equal(model.quantize.codebook_used[-128:], ref["codebook_used_last_entries"])
+
+
+def test_llamagen_vq16_layout():
+    with torch.device("meta"):
+        model = tok.VQModel(tok.PRESETS["llamagen-vq16"])
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sd["encoder.conv_in.weight"] == (128, 3, 3, 3)
+    assert sd["encoder.conv_blocks.3.downsample.conv.weight"] == (256, 256, 3, 3)
+    assert "encoder.conv_blocks.4.downsample.conv.weight" not in sd
+    assert sd["encoder.conv_blocks.4.attn.1.q.weight"] == (512, 512, 1, 1)
+    assert sd["encoder.conv_out.weight"] == (256, 512, 3, 3)
+    assert sd["decoder.conv_blocks.0.attn.2.proj_out.weight"] == (512, 512, 1, 1)
+    assert sd["decoder.conv_blocks.1.res.0.nin_shortcut.weight"] == (256, 512, 1, 1)
+    assert sd["decoder.conv_blocks.3.res.0.nin_shortcut.weight"] == (128, 256, 1, 1)
+    assert sd["quantize.embedding.weight"] == (16384, 8) and sd["quantize.codebook_used"] == (65536,)
+    assert sd["quant_conv.weight"] == (8, 256, 1, 1) and sd["post_quant_conv.weight"] == (256, 8, 1, 1)
+    assert model.config.downsample == 16
+    assert 71_000_000 < sum(p.numel() for p in model.parameters()) < 73_000_000  # VQ-16 is ~72M
+
+
+def test_decode_of_encode_is_the_forward_reconstruction():
+    torch.manual_seed(0)
+    model = tok.VQModel(tok.PRESETS["demo"]).eval()
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    idx = model.encode(x)
+    assert idx.shape == (3, 8, 8) and torch.equal(idx, model.encode(x))
+    with torch.no_grad():
+        recon, _, idx2 = model(x)
+    assert torch.equal(idx, idx2) and (model.decode(idx) - recon).abs().max() < 1e-5
+
+
+@needs_fashion
+def test_tokenizer_learns_on_real_fashion_mnist(tmp_path):
+    torch.manual_seed(0)
+    images, labels = tok.fashion_mnist("test")
+    assert images.shape == (10000, 1, 32, 32) and images.dtype == torch.uint8 and labels.max() == 9
+    x = tok.to_pixels(images[:256])
+    model = tok.VQModel(tok.PRESETS["demo"])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses, hits = [], torch.zeros(512)
+    for step in range(40):
+        batch = x[torch.randint(0, 256, (32,))]
+        recon, q, idx = model(batch)
+        loss = torch.nn.functional.mse_loss(recon, batch)
+        opt.zero_grad()
+        (loss + sum(q.values())).backward()
+        opt.step()
+        losses.append(loss.item())
+        hits += torch.bincount(idx.flatten(), minlength=512)
+        if step % 10 == 9:
+            tok.reinit_dead_codes(model, hits, batch)
+            hits.zero_()
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    psnr, usage = tok.evaluate(model.eval(), torch.utils.data.TensorDataset(images[:256], labels[:256]))
+    assert psnr > 12 and usage > 10
+
+
+def serve(directory, files):
+    """A throwaway HTTP server on 127.0.0.1 serving {name: bytes}."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path.lstrip("/"))
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *a):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/"
+
+
+@needs_fashion
+def test_download_checks_md5_and_removes_partial_file(tmp_path):
+    real = open(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz"), "rb").read()
+    server, url = serve(tmp_path, {"t10k-labels-idx1-ubyte.gz": real})
+    try:
+        dest = str(tmp_path / "labels.gz")
+        tok.download(url + "t10k-labels-idx1-ubyte.gz", dest, hashlib.md5(real).hexdigest())
+        assert open(dest, "rb").read() == real
+        bad = str(tmp_path / "bad.gz")
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            tok.download(url + "t10k-labels-idx1-ubyte.gz", bad, "0" * 32)
+        assert os.listdir(tmp_path) == ["labels.gz"]  # nothing half-written left behind
+    finally:
+        server.shutdown()
+
+
+def write_images(folder, n=4, size=(40, 36)):
+    for c in ("cat", "dog"):
+        os.makedirs(os.path.join(folder, c), exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.random.randint(0, 255, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, c, f"{i}.png"))
+
+
+def test_image_folder(tmp_path):
+    write_images(tmp_path)
+    ds, num_classes = tok.open_dataset(str(tmp_path), "train", image_size=32)
+    x, y = ds[5]
+    assert num_classes == 2 and len(ds) == 8 and x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 1
+
+
+def test_tokenizer_cli_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    write_images(corrupt)
+    (corrupt / "dog" / "broken.png").write_bytes(b"not an image")
+    good = tmp_path / "good"
+    write_images(good)
+    cases = [
+        (["train", "--data-dir", tmp_path / "nowhere"], "not found"),
+        (["train", "--data", empty, "--out-dir", tmp_path / "o1"], "no images found"),
+        (["encode", "--data", corrupt, "--ckpt", tmp_path / "missing.pt"], "not found"),
+        (["train", "--data", good, "--image-size", 30, "--out-dir", tmp_path / "o2"], "not divisible"),
+    ]
+    for argv, msg in cases:
+        r = run("tokenizer.py", *argv)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    # A corrupt file is named; a checkpoint of another config is refused; nothing is written.
+    torch.manual_seed(0)
+    model = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "in_channels": 3}))
+    ckpt = str(tmp_path / "tok.pt")
+    torch.save({"model": model.state_dict(), "config": tok.asdict(model.config)}, ckpt)
+    r = run("tokenizer.py", "encode", "--data", corrupt, "--ckpt", ckpt, "--out", tmp_path / "t.pt")
+    assert r.returncode != 0 and "broken.png" in r.stderr and not os.path.exists(tmp_path / "t.pt")
+    torch.save({"model": model.state_dict(), "config": {**tok.asdict(model.config), "ch": 32}}, ckpt)
+    r = run("tokenizer.py", "encode", "--data", good, "--ckpt", ckpt, "--out", tmp_path / "t.pt")
+    assert r.returncode != 0 and "do not match" in r.stderr and not os.path.exists(tmp_path / "t.pt")
+
+
+# ---- train.py ----------------------------------------------------------------------------------
+
+import train
+
+
+def synthetic_run_dir(path, n_train=64, n_test=32):
+    """An output folder with a random demo tokenizer and random token files: train.py skips to RandAR."""
+    torch.manual_seed(0)
+    os.makedirs(path, exist_ok=True)
+    vq = tok.VQModel(tok.PRESETS["demo"])
+    torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, os.path.join(path, "tokenizer.pt"))
+    for split, n in (("train", n_train), ("test", n_test)):
+        torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
+                    "num_classes": 10, "vocab_size": 32, "tokenizer": "tokenizer.pt"},
+                   os.path.join(path, f"tokens_{split}.pt"))
+    return str(path)
+
+
+def tiny_train_args(out_dir, *extra):
+    return ["--out-dir", out_dir, "--preset", "tiny", "--batch-size", 8, "--warmup-steps", 2, "--eval-every", 1000,
+            "--sample-every", 1000, "--samples-per-class", 1, "--log-every", 1, *extra]
+
+
+def weights(path):
+    return torch.load(os.path.join(path, "last.pt"), weights_only=True)
+
+
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    common = ["--steps", 4, "--order", "raster", "--dropout", 0, "--class-dropout", 0, "--lr", 3e-3]
+    one, two = synthetic_run_dir(tmp_path / "one"), synthetic_run_dir(tmp_path / "two")
+    r = run("train.py", *tiny_train_args(one, *common, "--batch-size", 16))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *map(str, tiny_train_args(two, *common))],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = weights(one), weights(two)
+    assert len(b["rank_param_checksums"]) == 2 and b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
+    assert b["args"]["batch_size"] * 2 == a["args"]["batch_size"]
+    for k in a["model"]:
+        assert (a["model"][k] - b["model"][k]).abs().max() < 1e-5, k
+    loss = [[json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (one, two)]
+    assert len(loss[0]) == 4 and np.allclose(loss[0], loss[1], atol=1e-5)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    straight, killed = synthetic_run_dir(tmp_path / "straight"), synthetic_run_dir(tmp_path / "killed")
+    args = ["--steps", 120, "--ckpt-every", 10, "--keep", 0]  # random order and dropout: RNG state matters
+    assert run("train.py", *tiny_train_args(straight, *args)).returncode == 0
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *map(str, tiny_train_args(killed, *args))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert weights(killed)["step"] < 120
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    a, b = weights(straight), weights(killed)
+    assert a["step"] == b["step"] == 120
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj, f):  # writes half a file, then the process "dies"
+        open(f, "wb").write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = synthetic_run_dir(tmp_path / "nan")
+    assert run("train.py", *tiny_train_args(out, "--steps", 4, "--ckpt-every", 2)).returncode == 0
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    r = run("train.py", *tiny_train_args(out, "--steps", 8, "--ckpt-every", 2, "--lr", "inf"))
+    assert r.returncode != 0 and "non-finite loss" in r.stderr and "step 6" in r.stderr, r.stderr[-2000:]
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+
+
+@needs_fashion
+def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
+    out = str(tmp_path / "run")
+    r = run("train.py", "--out-dir", out, "--limit", 256, "--tokenizer-steps", 10, "--steps", 6, "--batch-size", 16,
+            "--preset", "tiny", "--samples-per-class", 2, "--eval-every", 3, "--val-limit", 64, "--log-every", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("tokenizer.pt", "tokens_train.pt", "tokens_test.pt", "last.pt", "samples.png", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(out, f)), f
+    grid = Image.open(os.path.join(out, "samples.png"))
+    assert grid.size == (2 * 32, 10 * 32)
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    ckpt = weights(out)
+    model = RandAR(RandARConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert model.config.block_size == 64 and model.config.vocab_size == 512

@@ -1,0 +1,584 @@
+"""A small VQ tokenizer (LlamaGen's VQGAN-family autoencoder) and the image data it reads.
+
+Pixels in [-1, 1] -> encoder -> 1x1 conv to a low-dimensional latent -> nearest l2-normalised code
+-> decoder. Module names follow LlamaGen, so its published VQ-16 weights (`vq_ds16_c2i.pt`, state
+dict under "model") load strictly into the `llamagen-vq16` preset.
+
+    python tokenizer.py train                      # Fashion-MNIST, 32x32, 8x8 tokens, CPU minutes
+    python tokenizer.py eval   --ckpt runs/demo/tokenizer.pt          # PSNR + codebook usage on test
+    python tokenizer.py encode --ckpt runs/demo/tokenizer.pt --split train --flip  # tokens for train.py
+    python tokenizer.py train --data path/to/imagefolder --image-size 64 ...       # your own images
+"""
+import argparse
+import gzip
+import hashlib
+import math
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+
+@dataclass
+class VQConfig:
+    in_channels: int = 3             # 1 for grayscale data; decoder outputs the same number
+    ch: int = 128                    # base width (the reference hard-codes 128)
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # width multipliers per level; downsample = 2^(levels-1)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8      # low-dimensional, l2-normalised codes (better usage, LlamaGen)
+    commit_loss_beta: float = 0.25
+    entropy_loss_ratio: float = 0.0
+    dropout: float = 0.0
+    groupnorm_groups: int = 32
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Ours, or the reference's names (encoder_ch_mult / decoder_ch_mult / dropout_p)."""
+        d = dict(d)
+        if "encoder_ch_mult" in d:
+            if list(d["encoder_ch_mult"]) != list(d.get("decoder_ch_mult", d["encoder_ch_mult"])):
+                raise ValueError("encoder_ch_mult and decoder_ch_mult must be equal")
+            d["ch_mult"] = d.pop("encoder_ch_mult")
+            d.pop("decoder_ch_mult", None)
+            d["dropout"] = d.pop("dropout_p", 0.0)
+            if d.pop("out_channels", d["in_channels"]) != d["in_channels"]:
+                raise ValueError("out_channels must equal in_channels")
+        names = {f.name for f in fields(cls)}
+        d["ch_mult"] = tuple(d["ch_mult"])
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS = {
+    # Fashion-MNIST padded to 32x32, downsample 4 -> 8x8 = 64 tokens.
+    "demo": VQConfig(in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=64,
+                     codebook_size=512, groupnorm_groups=8),
+    # LlamaGen VQ-16 (ImageNet 256x256 -> 16x16 tokens), the tokenizer of the RandAR paper.
+    "llamagen-vq16": VQConfig(),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder
+
+def Norm(cfg, channels):
+    return nn.GroupNorm(cfg.groupnorm_groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cfg, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Norm(cfg, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Norm(cfg, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of a feature map."""
+
+    def __init__(self, cfg, c):
+        super().__init__()
+        self.norm = Norm(cfg, c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale C^-1/2
+        return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right/bottom only, as the reference
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: ResnetBlocks (each optionally followed by an AttnBlock), then a resampler."""
+
+    def __init__(self, cfg, c_in, c_out, n_res, attn, resample):
+        super().__init__()
+        self.res = nn.ModuleList(ResnetBlock(cfg, c_in if j == 0 else c_out, c_out) for j in range(n_res))
+        self.attn = nn.ModuleList(AttnBlock(cfg, c_out) for _ in range(n_res if attn else 0))
+        if resample is not None:
+            setattr(self, resample.__name__.lower(), resample(c_out))
+
+    def forward(self, x):
+        for j, res in enumerate(self.res):
+            x = res(x)
+            if len(self.attn):
+                x = self.attn[j](x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+def middle(cfg, c):
+    return nn.ModuleList([ResnetBlock(cfg, c, c), AttnBlock(cfg, c), ResnetBlock(cfg, c, c)])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList(
+            Level(cfg, ([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks, attn=i == last,
+                  resample=Downsample if i < last else None) for i in range(len(widths)))
+        self.mid = middle(cfg, widths[-1])
+        self.norm_out = Norm(cfg, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in list(self.conv_blocks) + list(self.mid):
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # conv_blocks.0 is the deepest level
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, padding=1)
+        self.mid = middle(cfg, widths[0])
+        self.conv_blocks = nn.ModuleList(
+            Level(cfg, ([widths[0]] + widths)[i], widths[i], cfg.num_res_blocks + 1, attn=i == 0,
+                  resample=Upsample if i < last else None) for i in range(len(widths)))
+        self.norm_out = Norm(cfg, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.conv_in(z)
+        for block in list(self.mid) + list(self.conv_blocks):
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))  # no tanh, as the reference
+
+
+class VectorQuantizer(nn.Module):
+    USAGE_LOG = 65536  # length of the reference's FIFO log of recent code indices
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        self.register_buffer("codebook_used", torch.zeros(self.USAGE_LOG))
+
+    def codebook(self):
+        return F.normalize(self.embedding.weight, dim=-1)  # normalised at every call
+
+    def forward(self, z):
+        """z (B, C, h, w) -> straight-through z_q (B, C, h, w), losses dict, indices (B, h, w)."""
+        B, C, h, w = z.shape
+        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, C), dim=-1)  # (B*h*w, C)
+        codes = self.codebook()
+        dist = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+        idx = dist.argmin(dim=1)  # first index on ties
+        z_q = codes[idx]
+        losses = {}
+        if self.training:
+            losses["vq"] = (z_q - z.detach()).pow(2).mean()
+            losses["commit"] = self.cfg.commit_loss_beta * (z_q.detach() - z).pow(2).mean()
+            if self.cfg.entropy_loss_ratio > 0:
+                losses["entropy"] = self.cfg.entropy_loss_ratio * entropy_loss(-dist)
+            n = min(idx.numel(), self.USAGE_LOG)
+            self.codebook_used.copy_(torch.cat([self.codebook_used[n:], idx[-n:].float()]))
+            z_q = z + (z_q - z).detach()  # straight-through gradient to the encoder
+        z_q = z_q.view(B, h, w, C).permute(0, 3, 1, 2)
+        return z_q, losses, idx.view(B, h, w)
+
+    def usage(self):
+        """Fraction of codes among the last USAGE_LOG indices (the reference's measure)."""
+        return self.codebook_used.unique().numel() / self.cfg.codebook_size
+
+
+def entropy_loss(affinity, temperature=0.01):
+    """Per-sample entropy minus the entropy of the mean assignment (LlamaGen's optional loss)."""
+    logits = affinity / temperature
+    probs = logits.softmax(-1)
+    sample_entropy = -(probs * (logits + 1e-5).log_softmax(-1)).sum(-1).mean()
+    mean_probs = probs.mean(0)
+    return sample_entropy + (mean_probs * (mean_probs + 1e-5).log()).sum()
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+
+    def forward(self, images):
+        """images (B, C, H, W) in [-1, 1] -> reconstruction, quantizer losses, indices (B, h, w)."""
+        z_q, losses, idx = self.quantize(self.quant_conv(self.encoder(images)))
+        return self.decoder(self.post_quant_conv(z_q)), losses, idx
+
+    @torch.no_grad()
+    def encode(self, images):
+        return self.quantize(self.quant_conv(self.encoder(images)))[2]
+
+    @torch.no_grad()
+    def decode(self, indices):
+        """indices (B, h, w) -> images (B, C, H, W), roughly in [-1, 1]."""
+        z_q = self.quantize.codebook()[indices].permute(0, 3, 1, 2)  # permute, not reshape
+        return self.decoder(self.post_quant_conv(z_q))
+
+
+def load_tokenizer(path, device="cpu"):
+    """Rebuild the tokenizer from a checkpoint written by `tokenizer.py train` (strict load)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (needs 'model' and 'config')")
+    model = VQModel(VQConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: Fashion-MNIST from IDX files, or an ImageFolder (one subfolder per class, as ImageNet).
+
+FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MD5 = {  # checksums of the official files
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]  # Debian package dataset-fashion-mnist
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def download(url, dest, md5):
+    """Download to dest with a progress bar; on a checksum mismatch remove the file and fail."""
+    tmp = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                       desc=os.path.basename(dest))
+            digest = hashlib.md5()
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, dest)
+    except Exception:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_idx(path):
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+        if data[:3] != b"\x00\x00\x08" or len(data) != 4 + 4 * ndim + math.prod(shape):
+            raise ValueError("bad header")
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise ValueError(f"{path} is not a valid gzipped IDX file ({e})") from None
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(split, data_dir=None, url=FASHION_URL):
+    """uint8 images (N, 1, 32, 32) (28x28 zero-padded by 2) and int64 labels (N,)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    search = [data_dir] if data_dir else FASHION_DIRS
+    folder = next((d for d in search if all(os.path.isfile(os.path.join(d, n)) for n in names)), None)
+    if folder is None:  # download into data_dir, or a user cache
+        folder = data_dir or os.path.join(os.path.expanduser("~"), ".cache", "randar", "fashion-mnist")
+        os.makedirs(folder, exist_ok=True)
+        for n in names:
+            if not os.path.isfile(os.path.join(folder, n)):
+                download(url + n, os.path.join(folder, n), FASHION_MD5[n])
+    images = read_idx(os.path.join(folder, names[0]))
+    labels = read_idx(os.path.join(folder, names[1]))
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>: RGB, centre-cropped and resized to image_size; labels = sorted class index."""
+
+    def __init__(self, root, image_size):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data directory not found: {root}")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.items = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
+        if not self.items:
+            raise ValueError(f"no images found in {root} (expected {root}/<class>/<image>{IMAGE_EXTS})")
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        s = min(im.size)  # centre crop to a square, then resize
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((self.image_size,) * 2, Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), label
+
+
+def open_dataset(data, split="train", data_dir=None, image_size=32):
+    """'fashion-mnist' or an ImageFolder path -> (dataset of (uint8 CHW, label), num_classes)."""
+    if data == "fashion-mnist":
+        if image_size != 32:
+            raise ValueError(f"--image-size must be 32 for fashion-mnist, got {image_size}")
+        images, labels = fashion_mnist(split, data_dir)
+        return torch.utils.data.TensorDataset(images, labels), len(FASHION_CLASSES)
+    ds = ImageFolder(os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data, image_size)
+    return ds, len(ds.classes)
+
+
+def to_pixels(images_uint8):
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(pixels):
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images_uint8, path, nrow):
+    """(B, C, H, W) uint8 -> one PNG, nrow images per row."""
+    B, C, H, W = images_uint8.shape
+    rows = math.ceil(B / nrow)
+    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    for i, im in enumerate(images_uint8):
+        grid[:, (i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = im
+    arr = grid.permute(1, 2, 0).numpy()
+    tmp = path + ".tmp.png"
+    Image.fromarray(arr[:, :, 0] if C == 1 else arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+def check_fits(cfg, dataset):
+    C, H, W = dataset[0][0].shape
+    if C != cfg.in_channels:
+        raise ValueError(f"images have {C} channels but the tokenizer takes {cfg.in_channels}")
+    if H % cfg.downsample or W % cfg.downsample:
+        raise ValueError(f"image size {H}x{W} is not divisible by the downsample factor {cfg.downsample}")
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    dataset, _ = open_dataset(args.data, "train", args.data_dir, args.image_size)
+    if args.limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+    cfg = PRESETS[args.preset]
+    if args.data != "fashion-mnist" and cfg.in_channels != 3:
+        cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
+    check_fits(cfg, dataset)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "tokenizer.pt")
+    model = VQModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    print(f"training tokenizer '{args.preset}' on {args.data} ({len(dataset)} images) for {args.steps} steps "
+          f"-> {ckpt_path}")
+    fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
+    code_hits = torch.zeros(cfg.codebook_size)
+    step, t0, bar = 0, time.time(), tqdm(total=args.steps, desc="tokenizer")
+    while step < args.steps:
+        for images, _ in loader:
+            x = to_pixels(images)
+            if args.flip:
+                flip = torch.rand(x.size(0)) < 0.5
+                x[flip] = x[flip].flip(-1)
+            lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            model.train()
+            recon, losses, idx = model(x)
+            rec_loss = F.mse_loss(recon, x)
+            loss = rec_loss + sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
+            step += 1
+            if step % args.reinit_every == 0 and step < 0.8 * args.steps:
+                reinit_dead_codes(model, code_hits, x)
+                code_hits.zero_()
+            bar.update(1)
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
+            if step % args.image_every == 0 or step == args.steps:
+                save_reconstructions(model, fixed, os.path.join(args.out_dir, "tokenizer_recon.png"))
+            if step == args.steps:
+                break
+    bar.close()
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step,
+                 "data": args.data, "image_size": args.image_size}, ckpt_path)
+    print(f"done in {time.time() - t0:.0f}s; wrote {ckpt_path}")
+    return ckpt_path
+
+
+@torch.no_grad()
+def reinit_dead_codes(model, code_hits, x):
+    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
+    dead = (code_hits == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
+    pick = torch.randint(0, z.size(0), (len(dead),))
+    model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path):
+    model.eval()
+    recon = to_uint8(model.decode(model.encode(to_pixels(images))))
+    save_grid(torch.cat([images, recon]), path, nrow=len(images))  # originals above reconstructions
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size=256):
+    """PSNR (dB, on uint8 pixels) and % of codes used on a dataset."""
+    mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    for images, _ in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="eval"):
+        idx = model.encode(to_pixels(images))
+        recon = to_uint8(model.decode(idx)).float()
+        mse += (recon - images.float()).pow(2).mean(dim=(1, 2, 3)).sum().item()
+        count += len(images)
+        used[idx.unique()] = True
+    return 10 * math.log10(255 ** 2 / (mse / count)), 100.0 * used.float().mean().item()
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, flip=False, batch_size=256):
+    """Token grids of every image (and of its horizontal flip) -> tokens (M, h*w) int16/int32, labels (M,)."""
+    tokens, labels = [], []
+    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode"):
+        x = to_pixels(images)
+        for view in ([x, x.flip(-1)] if flip else [x]):
+            tokens.append(model.encode(view).flatten(1))
+            labels.append(torch.as_tensor(y))
+    dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
+    return torch.cat(tokens).to(dtype), torch.cat(labels)
+
+
+def encode(args):
+    model = load_tokenizer(args.ckpt)
+    dataset, num_classes = open_dataset(args.data, args.split, args.data_dir, args.image_size)
+    check_fits(model.config, dataset)
+    tokens, labels = encode_dataset(model, dataset, args.flip)
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"tokens_{args.split}.pt")
+    save_atomic({"tokens": tokens, "labels": labels, "num_classes": num_classes,
+                 "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(args.ckpt)}, out)
+    print(f"wrote {len(tokens)} token grids to {out}")
+
+
+def evaluate_cmd(args):
+    model = load_tokenizer(args.ckpt)
+    dataset, _ = open_dataset(args.data, args.split, args.data_dir, args.image_size)
+    check_fits(model.config, dataset)
+    psnr, usage = evaluate(model, dataset)
+    print(f"{args.split}: PSNR {psnr:.2f} dB, codebook usage {usage:.1f}% of {model.config.codebook_size} codes")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("train", "encode", "eval"):
+        s = sub.add_parser(name)
+        s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
+        s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
+        s.add_argument("--image-size", type=int, default=32)
+        if name == "train":
+            s.add_argument("--preset", default="demo", choices=PRESETS)
+            s.add_argument("--out-dir", default="runs/demo")
+            s.add_argument("--steps", type=int, default=3000)
+            s.add_argument("--batch-size", type=int, default=64)
+            s.add_argument("--lr", type=float, default=2e-3)
+            s.add_argument("--flip", action="store_true", help="random horizontal flips")
+            s.add_argument("--limit", type=int, default=0, help="use only the first N images")
+            s.add_argument("--reinit-every", type=int, default=200, help="re-initialise dead codes every K steps")
+            s.add_argument("--image-every", type=int, default=500)
+            s.add_argument("--seed", type=int, default=0)
+        else:
+            s.add_argument("--ckpt", default="runs/demo/tokenizer.pt")
+            s.add_argument("--split", default="train" if name == "encode" else "test", choices=["train", "test"])
+            if name == "encode":
+                s.add_argument("--flip", action="store_true", help="also encode horizontally flipped copies")
+                s.add_argument("--out", default=None, help="default: tokens_<split>.pt beside the checkpoint")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        {"train": train, "encode": encode, "eval": evaluate_cmd}[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")

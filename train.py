@@ -1,0 +1,345 @@
+"""Train RandAR on pre-extracted VQ tokens: one command from nothing to samples.
+
+    python train.py                                   # Fashion-MNIST demo on a laptop CPU
+    torchrun --nproc_per_node=8 train.py --preset L --data /path/to/imagenet --image-size 256 \
+        --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 400000
+
+With no tokenizer checkpoint in --out-dir, the small tokenizer is trained first; the dataset is
+encoded to tokens once (cached in --out-dir); then RandAR trains in random order (paper Sec. 3),
+writing a sample grid (one row per class), validation loss, metrics and checkpoints. Re-running the
+same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel is used
+(gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import tokenizer as tok
+from randar import PRESETS, RandAR, RandARConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: distributed or not, one code path.
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values, device):
+    """Average a list of floats over ranks (metrics are reduced before rank 0 logs them)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def learning_rate(step, args):
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def prepare_tokens(args, is_main):
+    """Tokenizer checkpoint (trained here if missing) and the cached token files of both splits."""
+    ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
+    if is_main and not os.path.exists(ckpt):
+        if args.tokenizer_ckpt:
+            raise FileNotFoundError(f"tokenizer checkpoint not found: {ckpt}")
+        targs = tok.get_parser().parse_args(["train", "--out-dir", args.out_dir, "--steps", str(args.tokenizer_steps),
+                                             "--data", args.data, "--image-size", str(args.image_size),
+                                             "--limit", str(args.limit)] +
+                                            (["--data-dir", args.data_dir] if args.data_dir else []))
+        tok.train(targs)
+    barrier()
+    files = {}
+    for split in ("train", "test"):
+        files[split] = os.path.join(args.out_dir, f"tokens_{split}.pt")
+        if is_main and not os.path.exists(files[split]):
+            model = tok.load_tokenizer(ckpt)
+            dataset, num_classes = tok.open_dataset(args.data, split, args.data_dir, args.image_size)
+            if args.limit:
+                dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+            tok.check_fits(model.config, dataset)
+            tokens, labels = tok.encode_dataset(model, dataset, flip=args.flip and split == "train")
+            tok.save_atomic({"tokens": tokens, "labels": labels, "num_classes": num_classes,
+                             "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(ckpt)},
+                            files[split])
+    barrier()
+    return ckpt, {s: torch.load(f, weights_only=True) for s, f in files.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and samples
+
+@torch.no_grad()
+def validation_loss(model, data, args, device, ctx):
+    """Mean nats per token on held-out tokens, in the training order (fixed random orders)."""
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tokens, labels = data["tokens"][:args.val_limit].long(), data["labels"][:args.val_limit]
+    g = torch.Generator().manual_seed(1234)  # the same orders at every evaluation
+    orders = torch.rand(tokens.shape, generator=g).argsort(1) if args.order == "random" else "raster"
+    total = count = 0.0
+    for i in range(rank * args.batch_size, len(tokens), world * args.batch_size):
+        sl = slice(i, i + args.batch_size)
+        order = orders[sl].to(device) if args.order == "random" else "raster"
+        with ctx:
+            _, loss = model(tokens[sl].to(device), labels[sl].to(device), order=order)
+        total, count = total + loss.item() * len(tokens[sl]), count + len(tokens[sl])
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    model.train()
+    return (t[0] / t[1]).item()
+
+
+@torch.no_grad()
+def sample_grid(model, vq, num_classes, path, args, device, ctx):
+    """One row per class, args.samples_per_class images each."""
+    model.eval()
+    labels = torch.arange(num_classes, device=device).repeat_interleave(args.samples_per_class)
+    g = torch.Generator(device).manual_seed(args.seed)
+    with ctx:
+        tokens = model.generate(labels, order=args.order, cfg=(1.0, args.cfg), temperature=1.0, generator=g)
+    grid = model.config.grid
+    images = tok.to_uint8(vq.decode(tokens.view(-1, grid, grid)).float()).cpu()
+    tok.save_grid(images, path, nrow=args.samples_per_class)
+    model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(args):
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    seed = args.seed * world + rank  # per-rank seed
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    os.makedirs(args.out_dir, exist_ok=True)
+    global_batch = args.batch_size * world * args.grad_accum
+    if is_main:
+        print(f"RandAR '{args.preset}' on {args.data}, order={args.order}, {args.steps} steps, global batch "
+              f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
+              f"rank seed {seed}; writing to {args.out_dir}/")
+
+    vq_path, data = prepare_tokens(args, is_main)
+    train_tokens, train_labels = data["train"]["tokens"], data["train"]["labels"]
+    n_tokens = train_tokens.size(1)
+    cfg = replace(PRESETS[args.preset], vocab_size=data["train"]["vocab_size"], block_size=n_tokens,
+                  num_classes=data["train"]["num_classes"])
+    if args.dropout is not None:
+        cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
+    if args.class_dropout is not None:
+        cfg = replace(cfg, class_dropout_prob=args.class_dropout)
+    model = RandAR(cfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm weights
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+
+    # Resume: an explicit --resume, else last.pt in the output folder.
+    step, epoch, batch_in_epoch = 0, 0, 0
+    last = os.path.join(args.out_dir, "last.pt")
+    resume = args.resume or (last if os.path.exists(last) else None)
+    if resume:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume checkpoint not found: {resume}")
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        if RandARConfig.from_dict(ckpt["config"]) != cfg:
+            raise ValueError(f"{resume} was trained with another config; use a new --out-dir")
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]
+        if len(ckpt["rng"]) == world:  # same world size: every rank continues its own random stream
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        if is_main:
+            print(f"resumed from {resume} at step {step}")
+    raw_model = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if args.compile else model
+    vq = tok.load_tokenizer(vq_path, device) if is_main else None
+
+    sampler = torch.utils.data.DistributedSampler(range(len(train_tokens)), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_tokens)} training images are fewer than one global batch ({global_batch})")
+    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
+    bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
+    t_last, tokens_seen = time.time(), 0
+
+    def save(final=False):
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        rngs = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        # per-rank parameter checksums: DDP replicas must be identical
+        check = sum(p.double().sum().item() for p in raw_model.parameters())
+        checks = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(checks, check)
+        else:
+            checks = [check]
+        if not is_main:
+            return
+        ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps, "total_steps": args.steps,
+                              "min_lr_ratio": args.min_lr_ratio},
+                "config": asdict(cfg), "rng": rngs, "rank_param_checksums": checks,
+                "data_position": {"epoch": epoch, "batch": batch_in_epoch},
+                "tokenizer": os.path.abspath(vq_path), "args": vars(args)}
+        save_atomic(ckpt, last)
+        if args.keep > 0:
+            save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
+            kept = sorted(f for f in os.listdir(args.out_dir) if f.startswith("step_") and f.endswith(".pt"))
+            for old in kept[:-args.keep]:
+                os.remove(os.path.join(args.out_dir, old))
+
+    model.train()
+    while step < args.steps:
+        sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
+        indices = list(sampler)
+        while batch_in_epoch < per_epoch and step < args.steps:
+            lr = learning_rate(step, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                start = (batch_in_epoch * args.grad_accum + micro) * args.batch_size
+                idx = torch.tensor(indices[start:start + args.batch_size])
+                x, y = train_tokens[idx].long().to(device), train_labels[idx].to(device)
+                sync = micro == args.grad_accum - 1 or world == 1
+                with (nullcontext() if sync else model.no_sync()), ctx:
+                    _, loss = train_model(x, y, order=args.order)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.item() / args.grad_accum
+            loss_avg, = all_mean([loss_sum], device)
+            if not math.isfinite(loss_avg):
+                last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
+                raise FloatingPointError(f"non-finite loss ({loss_avg}) at step {step + 1}; {last_good}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            tokens_seen += global_batch * n_tokens
+            if is_main:
+                now = time.time()
+                tok_s = tokens_seen / max(now - t_last, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                if step % args.log_every == 0:
+                    metrics.write(json.dumps({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
+                                              "tokens_per_s": tok_s, "time": now}) + "\n")
+                    metrics.flush()
+                    t_last, tokens_seen = now, 0
+            if step % args.eval_every == 0 or step == args.steps:
+                val = validation_loss(raw_model, data["test"], args, device, ctx)
+                if is_main:
+                    metrics.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                    metrics.flush()
+                    bar.write(f"step {step}: val loss {val:.4f} nats/token")
+            if is_main and (step % args.sample_every == 0 or step == args.steps):
+                sample_grid(raw_model, vq, cfg.num_classes, os.path.join(args.out_dir, "samples.png"), args,
+                            device, ctx)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                save()
+            barrier()
+        if batch_in_epoch >= per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if is_main:
+        print(f"done: {step} steps; checkpoint {last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--preset", default="demo", choices=PRESETS)
+    p.add_argument("--order", default="random", choices=["random", "raster"],
+                   help="raster = the LlamaGen-style baseline the paper compares with")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images of each split")
+    p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
+    p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
+    p.add_argument("--tokenizer-steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank and micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=None, help="override token/residual/FFN dropout")
+    p.add_argument("--class-dropout", type=float, default=None, help="override label dropout (CFG)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--val-limit", type=int, default=2000, help="held-out images used for the validation loss")
+    p.add_argument("--sample-every", type=int, default=400)
+    p.add_argument("--samples-per-class", type=int, default=10)
+    p.add_argument("--cfg", type=float, default=2.0, help="CFG scale at the end of the linear schedule (samples)")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--keep", type=int, default=2, help="also keep the last K step_*.pt checkpoints")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    if "RANK" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        sys.exit(f"error: {e}")
