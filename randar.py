@@ -86,12 +86,21 @@ PRESETS = {
 # 2D rotary position embedding (Sec. 3.2). A head vector is read as hd/2 consecutive pairs; the
 # first hd/4 pairs rotate with the row, the next hd/4 with the column.
 
-def rope_table_2d(grid, head_dim, base=10000.0):
-    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros."""
+def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
+    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
+
+    Resolution extrapolation (paper Sec. 4.4, NTK-style): with scale < 1 the coordinates of all but
+    the `ntk_boundary` highest frequencies (per half: rows, columns) are multiplied by `scale`
+    (interpolated); the highest ones keep the raw coordinate (extrapolated), so fine detail keeps
+    the rotation speed it was trained with while the coarse layout stays inside the trained range.
+    """
     freqs = base ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
-    coord = torch.arange(grid, dtype=torch.float32)
-    rows = torch.outer(coord, freqs)[:, None, :].expand(grid, grid, -1)  # (g, g, hd/4)
-    cols = torch.outer(coord, freqs)[None, :, :].expand(grid, grid, -1)  # (g, g, hd/4)
+    coord_scale = torch.full_like(freqs, scale)
+    coord_scale[:ntk_boundary] = 1.0  # f_0 is the highest frequency
+    coord = torch.arange(grid, dtype=torch.float32)[:, None] * coord_scale  # (g, hd/4)
+    angles_1d = coord * freqs
+    rows = angles_1d[:, None, :].expand(grid, grid, -1)  # (g, g, hd/4)
+    cols = angles_1d[None, :, :].expand(grid, grid, -1)
     angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim // 2)
     table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
     # Zero (not identity) for the class token: its q and k vanish, so every query scores it at
@@ -338,7 +347,7 @@ class RandAR(nn.Module):
 
     def make_order(self, order, B, generator=None):
         """'random' | 'raster' | a [B, N] permutation tensor -> [B, N] on the model's device."""
-        N, dev = self.config.block_size, self.rope.device
+        N, dev = self.rope.size(0) - 1, self.rope.device  # the grid being generated
         if isinstance(order, str):
             if order == "random":  # an independent permutation per sample (Sec. 3.2)
                 return torch.rand(B, N, device=dev, generator=generator).argsort(dim=1)
@@ -415,7 +424,7 @@ class RandAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg=(1.0, 1.0), temperature=1.0, top_k=0,
-                 top_p=1.0, known=None, generator=None, callback=None):
+                 top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg=None):
         """Sample [B, N] tokens (raster layout) for class labels [B].
 
         order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None or N: one token
@@ -423,9 +432,30 @@ class RandAR(nn.Module):
         the linear CFG schedule. known: (positions [B, K], tokens [B, K]) fed teacher-forced first
         and returned unchanged (inpainting / outpainting, Sec. 4.3). callback(step, logits [B, n, V]
         after CFG, tokens [B, n]) is called after each step (used by the tests).
+        grid: generate a grid x grid image (N = grid^2) with the NTK-mixed RoPE table when it differs
+        from the training grid (resolution extrapolation, Sec. 4.4); spatial_cfg: (start, end) scales
+        of the "spatial" guidance against a copy whose known tokens are half dropped (needs known).
         """
-        cfg_start, cfg_end = cfg
-        N = self.config.block_size
+        if grid is None or grid == self.config.grid:
+            return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
+                                  callback, spatial_cfg)
+        if not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid must be a positive integer, got {grid!r}")
+        # Interpolate low frequencies by exactly g/G: a token at (2r, 2c) of a 2x grid then gets the
+        # angles (r, c) it had in training. (The reference compresses by (G/2-1)/(G-1), slightly off.)
+        cfg_ = self.config
+        train_rope = self.rope
+        self.rope = rope_table_2d(grid, cfg_.dim // cfg_.n_head, cfg_.rope_base, scale=cfg_.grid / grid,
+                                  ntk_boundary=2).to(train_rope.device)
+        try:
+            return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
+                                  callback, spatial_cfg)
+        finally:
+            self.rope = train_rope
+
+    def _generate(self, labels, order, steps, cfg, temperature, top_k, top_p, known, generator, callback,
+                  spatial_cfg):
+        N = self.rope.size(0) - 1
         labels = self.check_labels(labels)
         B, dev = labels.size(0), labels.device
         steps = N if steps is None else steps
@@ -435,6 +465,8 @@ class RandAR(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling (top_k != 1), got {temperature}")
         if top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+        if spatial_cfg is not None and known is None:
+            raise ValueError("spatial_cfg needs known tokens (the low-resolution context)")
 
         # Canvas of known tokens and the generation order: known positions first (Sec. 4.3).
         canvas = torch.zeros(B, N, dtype=torch.long, device=dev)
@@ -464,31 +496,43 @@ class RandAR(nn.Module):
                 raise ValueError("an explicit order must list the known positions first")
         if K == N:
             return canvas
+        generated = canvas.gather(1, order)  # [B, N] in generation order; first K are known
 
-        # CFG by batch doubling: [cond rows; uncond rows], same order, same sampled tokens.
-        use_cfg = (cfg_start, cfg_end) != (1.0, 1.0)
-        if use_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
-        rows_order = order.repeat(2, 1) if use_cfg else order
+        # Guidance by batch stacking, all row groups in the same order with the same sampled tokens:
+        # [cond] ; CFG: [cond; uncond] ; spatial CFG (Sec. 4.4): [cond; uncond; uncond, half the context dropped]
+        null = torch.full_like(labels, self.config.num_classes)
+        groups = 3 if spatial_cfg is not None else 2 if tuple(cfg) != (1.0, 1.0) else 1
+        rows_labels = torch.cat([labels, null, null][:groups])
+        prefix = generated[:, :K]
+        rows_prefix = [prefix, prefix][:groups]
+        if groups == 3:  # "zeroed": half of the context tokens replaced by token 0
+            rows_prefix.append(prefix.masked_fill(torch.rand(prefix.shape, device=dev, generator=generator) < 0.5, 0))
+        rows_prefix = torch.cat(rows_prefix)
+        rows_order = order.repeat(groups, 1)
+
+        def guide(logits, done):  # scales follow a linear schedule over the filled fraction of the canvas
+            if groups == 1:
+                return logits
+            s = cfg[0] + (cfg[1] - cfg[0]) * done / N
+            if groups == 2:
+                cond, uncond = logits.chunk(2)
+                return uncond + s * (cond - uncond)
+            cond, uncond, weak = logits.chunk(3)
+            s_sp = spatial_cfg[0] + (spatial_cfg[1] - spatial_cfg[0]) * done / N
+            return weak + s * (cond - uncond) + s_sp * (uncond - weak)
 
         schedule = decoding_schedule(N - K, steps)
         self.kv_caches = [KVCache(1 + 2 * N) for _ in self.layers]  # one allocation per call
-        generated = canvas.gather(1, order)  # [B, N] in generation order; first K are known
-        rows_generated = generated.repeat(2, 1) if use_cfg else generated
-        logits = self.prefill(labels, rows_order, rows_generated[:, :K], schedule[0])
+        logits = self.prefill(rows_labels, rows_order, rows_prefix, schedule[0])
         done = K
         for step, n in enumerate(schedule):
-            if use_cfg:  # linear CFG schedule over the filled fraction of the canvas
-                scale = cfg_start + (cfg_end - cfg_start) * done / N
-                cond, uncond = logits.chunk(2)
-                logits = uncond + scale * (cond - uncond)
+            logits = guide(logits, done)
             new = sample(logits, temperature, top_k, top_p, generator)  # [B, n], one call
             if callback is not None:
                 callback(step, logits, new)
             generated[:, done:done + n] = new
             if step + 1 == len(schedule):
                 break  # the last step's tokens are never fed
-            new = new.repeat(2, 1) if use_cfg else new
-            logits = self.decode_step(rows_order, done, new, schedule[step + 1])
+            logits = self.decode_step(rows_order, done, new.repeat(groups, 1), schedule[step + 1])
             done += n
         return torch.empty_like(generated).scatter_(1, order, generated)  # back to raster layout

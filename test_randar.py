@@ -426,7 +426,7 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     """An output folder with a random demo tokenizer and random token files: train.py skips to RandAR."""
     torch.manual_seed(0)
     os.makedirs(path, exist_ok=True)
-    vq = tok.VQModel(tok.PRESETS["demo"])
+    vq = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "codebook_size": 32}))
     torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, os.path.join(path, "tokenizer.pt"))
     for split, n in (("train", n_train), ("test", n_test)):
         torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
@@ -522,3 +522,225 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     model = RandAR(RandARConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"], strict=True)
     assert model.config.block_size == 64 and model.config.vocab_size == 512
+
+
+# ---- eval_fid.py -------------------------------------------------------------------------------
+
+import eval_fid
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    d1, d2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    closed = ((mu1 - mu2) ** 2).sum() + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()  # diagonal covariances
+    assert abs(eval_fid.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) - closed) < 1e-6 * closed
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s1, s2 = a @ a.T + np.eye(5), b @ b.T + np.eye(5)
+    r = np.linalg.cholesky(s1)  # tr((S1 S2)^1/2) = tr((L^T S2 L)^1/2) for S1 = L L^T: a symmetric root
+    w, v = np.linalg.eigh(r.T @ s2 @ r)
+    closed = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(w).sum()
+    assert abs(eval_fid.frechet_distance(mu1, s1, mu2, s2) - closed) < 1e-6 * closed
+    x = rng.normal(size=(50, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    assert abs(eval_fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    singular = np.zeros((8, 8))  # rank-deficient: handled with the ridge, not NaN
+    assert np.isfinite(eval_fid.frechet_distance(mu, singular, mu, singular))
+
+
+def test_precision_recall_and_inception_score_known_answers():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 16))
+    assert eval_fid.precision_recall(x, x) == (1.0, 1.0)
+    assert eval_fid.precision_recall(x, x + 100.0) == (0.0, 0.0)
+    assert abs(eval_fid.inception_score(np.zeros((100, 1008)))[0] - 1.0) < 1e-9
+    confident = np.full((1000, 1008), -1e4)
+    confident[np.arange(1000), np.arange(1000) % 10] = 1e4  # evenly spread over 10 classes
+    mean, std = eval_fid.inception_score(confident)
+    assert abs(mean - 10.0) < 1e-6 and std < 1e-6
+
+
+def test_inception_layout_matches_pytorch_fid_weights():
+    model = eval_fid.FIDInception()
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # torchvision's Inception3 (aux classifier dropped, 1008 classes), as pytorch-fid builds it:
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+    assert sd["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3) and sd["Conv2d_4a_3x3.bn.running_var"] == (192,)
+    assert sd["Mixed_5b.branch_pool.conv.weight"] == (32, 192, 1, 1)
+    assert sd["Mixed_6e.branch7x7dbl_5.conv.weight"] == (192, 192, 1, 7)
+    assert sd["Mixed_7a.branch7x7x3_4.conv.weight"] == (192, 192, 3, 3)
+    assert sd["Mixed_7c.branch3x3dbl_3b.conv.weight"] == (384, 384, 3, 1)
+    assert sd["fc.weight"] == (1008, 2048) and len([k for k in sd if k.endswith(".conv.weight")]) == 94
+
+
+def test_eval_fid_cli_npz_and_folder_agree(tmp_path):
+    torch.manual_seed(0)
+    weights = str(tmp_path / "random_inception.pth")
+    torch.save(eval_fid.FIDInception().state_dict(), weights)
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(3))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0]).save(folder / f"{i:05d}.png")
+    for src, dst in ((tmp_path / "s.npz", "a.npz"), (folder, "b.npz")):
+        r = run("eval_fid.py", src, "--save-stats", tmp_path / dst, "--inception", weights)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["features"].shape == (3, 2048) and np.allclose(a["features"], b["features"], atol=1e-5)
+    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "b.npz", "--inception", weights, "--json", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "m.json"))
+    assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["is_mean"] >= 1.0
+
+
+def test_eval_fid_cli_errors(tmp_path):
+    np.savez(tmp_path / "no_arr0.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "rank3.npz", arr_0=np.zeros((3, 8, 8), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    bad_weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    bad_weights.write_bytes(b"not the weights")
+    cases = [([tmp_path / "missing.npz", tmp_path / "stats64.npz"], "not found"),
+             ([tmp_path / "no_arr0.npz", tmp_path / "stats64.npz"], "arr_0"),
+             ([tmp_path / "rank3.npz", tmp_path / "stats64.npz"], "NHWC"),
+             ([tmp_path / "one.npz", tmp_path / "stats64.npz"], "at least 2"),
+             ([tmp_path / "stats64.npz", tmp_path / "stats2048.npz"], "feature sizes differ"),
+             ([tmp_path / "no_arr0.npz", "--save-stats", tmp_path / "x.npz", "--inception", tmp_path / "none.pth"], "arr_0"),
+             ([tmp_path / "stats64.npz", "--save-stats", tmp_path / "x.npz"], "stats"),
+             ]
+    for argv, msg in cases:
+        r = run("eval_fid.py", *argv)
+        assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+    np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    r = run("eval_fid.py", tmp_path / "two.npz", tmp_path / "stats2048.npz", "--inception", bad_weights)
+    assert r.returncode != 0 and "hash" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ---- resolution extrapolation ------------------------------------------------------------------
+
+from randar import rope_table_2d
+
+
+@needs_fixtures
+def test_rope_tables_match_reference_and_extrapolation_mix(fx):
+    for key in ("freqs_cis_2d", "freqs_cis_2d_grid8"):
+        ref = fx["rope"][key]
+        assert (rope_table_2d(ref["grid_size"], ref["head_dim"], ref["base"]) - ref["table"]).abs().max() < 1e-6
+    ref = fx["rope"]["freqs_cis_2d_extrapolation"]  # grid 8 from grid 4, boundary 2
+    ours = rope_table_2d(8, 16, scale=0.5, ntk_boundary=2)
+    raw, half = rope_table_2d(8, 16), rope_table_2d(16, 16)  # coordinate c/2 on grid 8 = c on a 16 grid, halved
+    high = [0, 1, 4, 5]  # the two highest frequencies of the row half and of the column half (hd/4 = 4)
+    low = [2, 3, 6, 7]
+    assert (ours[:, high] - raw[:, high]).abs().max() < 1e-6
+    assert (ours[:, high] - ref["table"][:, high]).abs().max() < 1e-5  # same as the reference where both extrapolate
+    coords = torch.arange(8) / 2  # interpolated: angle = (c / 2) * f
+    f = 10000 ** (-torch.arange(4) * 4 / 16)
+    expect = torch.cat([(coords[:, None, None] * f[2:]).expand(8, 8, 2), (coords[None, :, None] * f[2:]).expand(8, 8, 2)], -1)
+    assert (ours[1:, low, 0] - torch.cos(expect.reshape(64, 4))).abs().max() < 1e-6
+    assert (ours[1:, low, 1] - torch.sin(expect.reshape(64, 4))).abs().max() < 1e-6
+    assert ours[0].abs().max() == 0
+
+
+def test_extrapolated_generation_decodes_every_token_and_keeps_the_base():
+    model = random_gpt(seed=11)  # 4x4 training grid
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1, 4])
+    base = model.generate(labels, generator=g)
+    rows = torch.arange(4).repeat_interleave(4) * 2
+    cols = torch.arange(4).repeat(4) * 2
+    positions = (rows * 8 + cols).expand(2, -1)
+    seen = []
+    big = model.generate(labels, known=(positions, base), grid=8, steps=10, cfg=(1.0, 3.0), spatial_cfg=(1.0, 2.5),
+                         generator=g, callback=lambda s, l, t: seen.append(t))
+    assert big.shape == (2, 64) and torch.equal(big.view(2, 8, 8)[:, ::2, ::2].reshape(2, 16), base)
+    assert sum(t.size(1) for t in seen) == 48 and len(seen) == 10  # every remaining token decoded, in 10 steps
+    assert torch.equal(model.rope, rope_table_2d(4, 16))  # the training table is back
+
+
+def test_spatial_cfg_at_scale_one_is_plain_decoding():
+    model = random_gpt(seed=12)
+    positions = torch.tensor([[0, 2, 5, 7, 8, 10, 13, 15]])
+    known_tokens = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for spatial in (None, (1.0, 1.0)):
+        seen = []
+        out = model.generate(torch.tensor([6]), order="raster", known=(positions, known_tokens), spatial_cfg=spatial,
+                             steps=4, top_k=1, callback=lambda s, l, t: seen.append(l))  # greedy: no RNG in play
+        runs.append((out, seen))
+    (a, la), (b, lb) = runs
+    assert all((x - y).abs().max() < 1e-4 for x, y in zip(la, lb, strict=True)) and torch.equal(a, b)
+
+
+# ---- sample.py ---------------------------------------------------------------------------------
+
+import sample
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A RandAR checkpoint trained for 2 steps on synthetic 4x4 tokens, with a random demo tokenizer."""
+    out = synthetic_run_dir(tmp_path_factory.mktemp("run"))
+    r = run("train.py", *tiny_train_args(out, "--steps", 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_sample_cli_png_npz_and_seed(tiny_run, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        r = run("sample.py", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--num", 3, "--seed", 7,
+                "--steps", 5, "--out", tmp_path / f"{name}.png", "--out-npz", tmp_path / f"{name}.npz")
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(np.load(tmp_path / f"{name}.npz"))
+    a, b = outs
+    assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (6, 16, 16, 1)  # 4x4 tokens x downsample 4
+    assert a["arr_1"].tolist() == [1, 1, 1, 3, 3, 3]
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert Image.open(tmp_path / "a.png").size[0] > 3 * 16
+
+
+def test_sample_compare_outpaint_and_extrapolate_write_figures(tiny_run, tmp_path):
+    ckpt = os.path.join(tiny_run, "last.pt")
+    Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
+    for extra in (["--compare", "--classes", "0,1"], ["--outpaint", tmp_path / "in.png", "--sides", "right,top", "--num", 2, "--edit-class", 5],
+                  ["--extrapolate", 2, "--classes", "2", "--num", 2, "--extrapolate-steps", 6]):
+        out = tmp_path / "fig.png"
+        r = run("sample.py", "--ckpt", ckpt, "--out", out, *extra)
+        assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
+        out.unlink()
+
+
+def test_inpainting_keeps_known_tokens(tiny_run, tmp_path):
+    Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
+    args = sample.parse(["--ckpt", os.path.join(tiny_run, "last.pt"), "--inpaint", str(tmp_path / "in.png"),
+                         "--mask", "4,0,12,8", "--edit-class", "3", "--num", "3", "--out", str(tmp_path / "o.png")])
+    args.device, args.ctx = torch.device("cpu"), torch.no_grad()
+    model, vq = sample.load_run(args.ckpt, "cpu")
+    tokens, (positions, known_tokens) = sample.edit(model, vq, args)
+    assert positions.size(1) == 16 - 4  # 2x2 tokens masked
+    assert torch.equal(tokens.gather(1, positions), known_tokens)
+    assert os.path.exists(tmp_path / "o.png")
+
+
+def test_sample_cli_errors(tiny_run, tmp_path):
+    ckpt = os.path.join(tiny_run, "last.pt")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "mask20.png")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(tmp_path / "img24.png")
+    (tmp_path / "text.png").write_text("not an image")
+    cases = [(["--ckpt", tmp_path / "none.pt"], "not found"),
+             (["--classes", "10"], "class 10"),
+             (["--steps", 0], "--steps"),
+             (["--steps", 17], "--steps"),
+             (["--inpaint", tmp_path / "img.png", "--mask", tmp_path / "mask20.png", "--edit-class", 1], "mask"),
+             (["--inpaint", tmp_path / "img24.png", "--mask", "0,0,4,4", "--edit-class", 1], "16x16"),
+             (["--inpaint", tmp_path / "text.png", "--mask", "0,0,4,4", "--edit-class", 1], "text.png"),
+             (["--inpaint", tmp_path / "img.png", "--mask", "0,0,4,4"], "--edit-class"),
+             (["--cfg", "3"], "--cfg")]
+    for argv, msg in cases:
+        out = tmp_path / "out.png"
+        r = run("sample.py", *(["--ckpt", ckpt] if "--ckpt" not in argv else []), *argv, "--out", out)
+        assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+        assert not out.exists()

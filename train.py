@@ -188,10 +188,6 @@ def main(args):
         model.load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]
-        if len(ckpt["rng"]) == world:  # same world size: every rank continues its own random stream
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
         if is_main:
             print(f"resumed from {resume} at step {step}")
     raw_model = model
@@ -240,6 +236,11 @@ def main(args):
             for old in kept[:-args.keep]:
                 os.remove(os.path.join(args.out_dir, old))
 
+    # Restored last, after everything that draws random numbers while setting up (model inits).
+    if resume and len(ckpt["rng"]) == world:  # same world size: every rank continues its own stream
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     model.train()
     while step < args.steps:
         sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank

@@ -1,0 +1,364 @@
+"""FID, Inception Score, precision and recall in PyTorch, with the FID Inception-v3 of the standard tools.
+
+    python eval_fid.py SAMPLES REF [--json metrics.json]    # each: .npz (arr_0, NHWC uint8), folder, or stats
+    python eval_fid.py REF --save-stats ref_stats.npz        # compute a reference set's statistics once
+
+The network is Inception-v3 as TensorFlow's FID code uses it (the layout and weights file of
+`pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): images resized to 299x299 bilinearly, scaled
+to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits for the Inception
+Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception-v3, FID variant. Module names are those of the weights file (torchvision's layout).
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in, c_out, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_tf(x):
+    # TensorFlow's 3x3 average pool ignores the zero padding; torch's default counts it.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_tf(x))], 1)
+
+
+class InceptionB(nn.Module):  # grid reduction 35 -> 17
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # factorised 7x7 convolutions
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool_tf(x))], 1)
+
+
+class InceptionD(nn.Module):  # grid reduction 17 -> 8
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, c_in, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the FID network's last block max-pools here (a quirk of the TF graph)
+        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_tf(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+
+
+class FIDInception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008-way classifier, used for the Inception Score
+
+    def forward(self, images):
+        """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008)."""
+        x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        features = x.mean(dim=(2, 3))
+        return features, self.fc(features)
+
+
+def load_inception(path=None, device="cpu"):
+    """Weights from path, else downloaded once into the torch hub cache; hash-checked by file name."""
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=os.path.basename(path)[-12:-4])
+            except RuntimeError as e:  # hash mismatch: the partial file is already gone
+                raise ValueError(f"Inception weights download failed: {e}") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights not found: {path}")
+    named_hash = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
+    if named_hash:  # the torch hub convention: the name carries a prefix of the file's sha256
+        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        if not digest.startswith(named_hash.group(1)):
+            raise ValueError(f"Inception weights {path} fail their hash check: sha256 {digest[:8]}..., "
+                             f"expected {named_hash.group(1)}")
+    model = FIDInception()
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:
+        raise ValueError(f"cannot load Inception weights {path}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+def load_images(path):
+    """.npz (arr_0: uint8 NHWC) or a folder of PNG/JPEG -> list or array of HWC uint8 images (C = 1 or 3)."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+        images = []
+        for f in files:
+            try:
+                with Image.open(os.path.join(path, f)) as im:
+                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+            except Exception as e:
+                raise ValueError(f"cannot read image {os.path.join(path, f)}: {e}") from None
+        images = [im[..., None] if im.ndim == 2 else im for im in images]
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"not found: {path}")
+    else:
+        try:
+            data = np.load(path)
+        except Exception as e:
+            raise ValueError(f"cannot read {path} as .npz: {e}") from None
+        if "arr_0" not in data:
+            raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(data.keys())})")
+        images = data["arr_0"]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise ValueError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
+                             f"{images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"{path}: need at least 2 images, found {len(images)}")
+    return images
+
+
+@torch.no_grad()
+def inception_outputs(model, images, batch_size=50, device="cpu"):
+    """Pool features (N, 2048) float64 and logits (N, 1008), batched, with a progress bar."""
+    feats, logits = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="inception"):
+        batch = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images[i:i + batch_size]]
+        # images of different sizes are resized one by one; each ends at 299x299 anyway
+        x = torch.cat([F.interpolate(b[None].float(), size=(299, 299), mode="bilinear", align_corners=False)
+                       for b in batch]) if len({b.shape for b in batch}) > 1 else torch.stack(batch)
+        x = x.to(device)
+        if x.size(1) == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
+        f, l = model(x)
+        feats.append(f.double().cpu())
+        logits.append(l.double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), robust to near-singular covariances."""
+    mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64)) for a in (mu1, mu2, sigma1, sigma2))
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature sizes differ: {mu1.shape} vs {mu2.shape}")
+    with warnings.catch_warnings():  # a singular product is handled just below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():  # singular product: add a small ridge, as the standard code does
+            offset = np.eye(len(sigma1)) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # tiny imaginary parts are numerical noise; large ones are an error
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in the matrix square root")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over splits."""
+    p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1)
+    scores = []
+    for part in p.chunk(splits):
+        kl = (part * (part.clamp_min(1e-30).log() - part.mean(0, keepdim=True).clamp_min(1e-30).log())).sum(1)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _radii(feats, k):
+    d = torch.cdist(feats, feats)
+    k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
+    return d.kthvalue(k + 1, dim=1).values  # the (k+1)-th smallest includes the point itself
+
+
+def _coverage(points, centres, radii, batch=1024):
+    """Fraction of points inside at least one ball (centre, radius)."""
+    inside = 0
+    for i in range(0, len(points), batch):
+        d = torch.cdist(points[i:i + batch], centres)
+        inside += (d <= radii[None]).any(1).sum().item()
+    return inside / len(points)
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision (fakes inside the real manifold) and recall (reals inside the fake manifold)."""
+    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    return _coverage(fake, real, _radii(real, k)), _coverage(real, fake, _radii(fake, k))
+
+
+def statistics(path, model, args):
+    """A stats file's (mu, sigma, features, None) or an image set's (mu, sigma, features, logits)."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        data = np.load(path)
+        if "mu" in data and "sigma" in data:
+            return data["mu"], data["sigma"], data["features"] if "features" in data else None, None
+    images = load_images(path)
+    feats, logits = inception_outputs(model(), images, args.batch_size, args.device)
+    return feats.mean(0), np.cov(feats, rowvar=False), feats, logits
+
+
+def main(args):
+    args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = {}
+
+    def model():  # loaded only when some input is images, once
+        if "m" not in cache:
+            cache["m"] = load_inception(args.inception, args.device)
+        return cache["m"]
+    if len(args.inputs) == 1:
+        if not args.save_stats:
+            raise ValueError("with one input, give --save-stats PATH (or give SAMPLES and REF)")
+        mu, sigma, feats, logits = statistics(args.inputs[0], model, args)
+        if logits is None:
+            raise ValueError(f"{args.inputs[0]} is already a stats file; --save-stats needs images")
+        tmp = args.save_stats + ".tmp.npz"
+        np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32))
+        os.replace(tmp, args.save_stats)
+        print(f"wrote statistics of {len(feats)} images to {args.save_stats}")
+        return
+    mu1, s1, f1, logits = statistics(args.inputs[0], model, args)
+    mu2, s2, f2, _ = statistics(args.inputs[1], model, args)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature sizes differ: {args.inputs[0]} has {mu1.shape[0]}, {args.inputs[1]} has {mu2.shape[0]}")
+    results = {"fid": frechet_distance(mu1, s1, mu2, s2)}
+    if logits is not None:
+        results["is_mean"], results["is_std"] = inception_score(logits)
+    if f1 is not None and f2 is not None:
+        results["precision"], results["recall"] = precision_recall(f2, f1)
+    for name, v in results.items():
+        print(f"{name}: {v:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
+    p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
+    p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
+    p.add_argument("--json", default=None, help="also write the metrics here")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    if len(args.inputs) > 2:
+        sys.exit("error: give at most two inputs: SAMPLES REF")
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
