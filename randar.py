@@ -424,7 +424,8 @@ class RandAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg=(1.0, 1.0), temperature=1.0, top_k=0,
-                 top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg=None):
+                 top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg=None,
+                 ntk_boundary=2):
         """Sample [B, N] tokens (raster layout) for class labels [B].
 
         order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None or N: one token
@@ -434,7 +435,8 @@ class RandAR(nn.Module):
         after CFG, tokens [B, n]) is called after each step (used by the tests).
         grid: generate a grid x grid image (N = grid^2) with the NTK-mixed RoPE table when it differs
         from the training grid (resolution extrapolation, Sec. 4.4); spatial_cfg: (start, end) scales
-        of the "spatial" guidance against a copy whose known tokens are half dropped (needs known).
+        of the "spatial" guidance against a copy whose known tokens are half dropped (needs known);
+        ntk_boundary: how many of the highest frequencies keep raw coordinates (the reference: 2).
         """
         if grid is None or grid == self.config.grid:
             return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
@@ -446,7 +448,7 @@ class RandAR(nn.Module):
         cfg_ = self.config
         train_rope = self.rope
         self.rope = rope_table_2d(grid, cfg_.dim // cfg_.n_head, cfg_.rope_base, scale=cfg_.grid / grid,
-                                  ntk_boundary=2).to(train_rope.device)
+                                  ntk_boundary=ntk_boundary).to(train_rope.device)
         try:
             return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
                                   callback, spatial_cfg)

@@ -185,7 +185,7 @@ def extrapolate(model, vq, labels, args):
     known = (positions.expand(len(labels), -1), base)
     args.order, args.steps = "random", args.extrapolate_steps
     _, big = generate_batched(model, vq, labels, args, known=known, desc="extrapolate", grid=G,
-                              spatial_cfg=args.spatial_cfg)
+                              spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
     save_png(tile(pairs, nrow=2 * args.num), args.out)
@@ -315,6 +315,8 @@ def get_parser():
     p.add_argument("--extrapolate", type=int, default=None, help="generate at this many times the training grid")
     p.add_argument("--extrapolate-steps", type=int, default=None, help="steps for the extrapolated tokens")
     p.add_argument("--spatial-cfg", default="1,2", help="START,END of the spatial CFG schedule (extrapolation)")
+    p.add_argument("--ntk-boundary", type=int, default=2,
+                   help="highest RoPE frequencies that keep raw coordinates when extrapolating (reference: 2)")
     p.add_argument("--bench", action="store_true", help="print a decoding speed table")
     p.add_argument("--preset", default=None, choices=PRESETS, help="with --bench: random weights of this size")
     p.add_argument("--bench-batch", type=int, default=32)
