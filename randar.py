@@ -3,9 +3,9 @@
 Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Orders", CVPR 2025.
 The network is a LLaMA-style GPT (as in LlamaGen). What makes it RandAR is one extra input: before
 each image token the model sees a *position instruction* token PI(p), a learned vector rotated by
-the 2D RoPE of the position p it must predict next (paper Sec. 3.2). Trained on random orders, the
+the 2D RoPE of the position p it must predict next (SPEC §3). Trained on random orders, the
 same weights then decode in raster order, random order, several tokens per step with a KV cache
-(Sec. 3.3), or around known tokens (zero-shot inpainting / outpainting, Sec. 4.3).
+(SPEC §4-5), or around known tokens (zero-shot inpainting / outpainting, SPEC §6).
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -75,7 +75,7 @@ PRESETS = {
     # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes.
     "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10,
                          vocab_size=512, block_size=64),
-    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), Sec. 4.
+    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), SPEC §8.
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
     "XL": RandARConfig(dim=1280, n_layer=36, n_head=20),
     "XXL": RandARConfig(dim=1536, n_layer=48, n_head=24),
@@ -83,13 +83,13 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# 2D rotary position embedding (Sec. 3.2). A head vector is read as hd/2 consecutive pairs; the
+# 2D rotary position embedding (SPEC §2-3). A head vector is read as hd/2 consecutive pairs; the
 # first hd/4 pairs rotate with the row, the next hd/4 with the column.
 
 def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
     """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
 
-    Resolution extrapolation (paper Sec. 4.4, NTK-style): with scale < 1 the coordinates of all but
+    Resolution extrapolation (SPEC §7, NTK-style): with scale < 1 the coordinates of all but
     the `ntk_boundary` highest frequencies (per half: rows, columns) are multiplied by `scale`
     (interpolated); the highest ones keep the raw coordinate (extrapolated), so fine detail keeps
     the rotation speed it was trained with while the coarse layout stays inside the trained range.
@@ -132,7 +132,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         # drop a token when the tokens ranked before it already cover p; the top-1 always stays
         drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
         drop_sorted[..., 1:] = cum[..., :-1] > top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
@@ -150,7 +150,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 def decoding_schedule(n_tokens, steps):
-    """Tokens decoded per step for parallel decoding: the reference's cosine rule (Sec. 3.3).
+    """Tokens decoded per step for parallel decoding: the reference's cosine rule (SPEC §4-5).
 
     steps == -1 or steps >= n_tokens means one token per step. Computed in double precision:
     float32 rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong.
@@ -185,7 +185,7 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Per-layer key/value slots (B, H, S, hd), allocated on the first write, written by index.
 
-    Parallel decoding writes several slots per step and later overwrites some of them (Sec. 3.3),
+    Parallel decoding writes several slots per step and later overwrites some of them (SPEC §4-5),
     which index writes handle with no special case. A plain object, so never in the state dict.
     """
 
@@ -349,7 +349,7 @@ class RandAR(nn.Module):
         """'random' | 'raster' | a [B, N] permutation tensor -> [B, N] on the model's device."""
         N, dev = self.rope.size(0) - 1, self.rope.device  # the grid being generated
         if isinstance(order, str):
-            if order == "random":  # an independent permutation per sample (Sec. 3.2)
+            if order == "random":  # an independent permutation per sample (SPEC §2-3)
                 return torch.rand(B, N, device=dev, generator=generator).argsort(dim=1)
             if order == "raster":
                 return torch.arange(N, device=dev).expand(B, N)
@@ -390,7 +390,7 @@ class RandAR(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    # ---- generation with a KV cache (Sec. 3.3) -------------------------------------------------
+    # ---- generation with a KV cache (SPEC §4-5) -------------------------------------------------
 
     def prefill(self, labels, order, known_tokens, n_queries):
         """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_n-1)].
@@ -409,7 +409,7 @@ class RandAR(nn.Module):
     def decode_step(self, order, done, new_tokens, n_queries):
         """Feed the tokens just sampled and ask for the next n_queries positions.
 
-        `done` tokens were decoded before the step that sampled new_tokens [B, n]. Feed (Sec. 3.3):
+        `done` tokens were decoded before the step that sampled new_tokens [B, n]. Feed (SPEC §4-5):
         [E(tok_done), PI(p_done+1), E(tok_done+1), ..., E(tok_done+n-1), PI(u_0), ..., PI(u_m-1)]
         at slots 2*done+2 onwards: the step's first query already sits at its training slot
         2*done+1, and the other queries, fed as temporary PIs last step, are overwritten here.
@@ -431,10 +431,10 @@ class RandAR(nn.Module):
         order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None or N: one token
         per step; fewer: parallel decoding with the cosine schedule). cfg: (start, end) scales of
         the linear CFG schedule. known: (positions [B, K], tokens [B, K]) fed teacher-forced first
-        and returned unchanged (inpainting / outpainting, Sec. 4.3). callback(step, logits [B, n, V]
+        and returned unchanged (inpainting / outpainting, SPEC §6). callback(step, logits [B, n, V]
         after CFG, tokens [B, n]) is called after each step (used by the tests).
         grid: generate a grid x grid image (N = grid^2) with the NTK-mixed RoPE table when it differs
-        from the training grid (resolution extrapolation, Sec. 4.4); spatial_cfg: (start, end) scales
+        from the training grid (resolution extrapolation, SPEC §7); spatial_cfg: (start, end) scales
         of the "spatial" guidance against a copy whose known tokens are half dropped (needs known);
         ntk_boundary: how many of the highest frequencies keep raw coordinates (the reference: 2).
         """
@@ -470,7 +470,7 @@ class RandAR(nn.Module):
         if spatial_cfg is not None and known is None:
             raise ValueError("spatial_cfg needs known tokens (the low-resolution context)")
 
-        # Canvas of known tokens and the generation order: known positions first (Sec. 4.3).
+        # Canvas of known tokens and the generation order: known positions first (SPEC §6).
         canvas = torch.zeros(B, N, dtype=torch.long, device=dev)
         is_known = torch.zeros(B, N, dtype=torch.bool, device=dev)
         positions = torch.zeros(B, 0, dtype=torch.long, device=dev)
@@ -501,7 +501,7 @@ class RandAR(nn.Module):
         generated = canvas.gather(1, order)  # [B, N] in generation order; first K are known
 
         # Guidance by batch stacking, all row groups in the same order with the same sampled tokens:
-        # [cond] ; CFG: [cond; uncond] ; spatial CFG (Sec. 4.4): [cond; uncond; uncond, half the context dropped]
+        # [cond] ; CFG: [cond; uncond] ; spatial CFG (SPEC §7): [cond; uncond; uncond, half the context dropped]
         null = torch.full_like(labels, self.config.num_classes)
         groups = 3 if spatial_cfg is not None else 2 if tuple(cfg) != (1.0, 1.0) else 1
         rows_labels = torch.cat([labels, null, null][:groups])

@@ -9,7 +9,7 @@
     python sample.py --bench --preset L --device cuda   # the paper's size, random weights
 
 Everything generated goes through one function, RandAR.generate (randar.py): the order, the number
-of steps and the known tokens (editing, paper Sec. 4.3) are its arguments.
+of steps and the known tokens (editing, SPEC §6) are its arguments.
 """
 import argparse
 import os
@@ -90,7 +90,7 @@ def save_png(image, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Zero-shot editing (paper Sec. 4.3): known tokens are a teacher-forced prefix.
+# Zero-shot editing (SPEC §6): known tokens are a teacher-forced prefix.
 
 def load_image(path, size, channels):
     if not os.path.isfile(path):
@@ -170,7 +170,7 @@ def edit(model, vq, args):
 
 
 def extrapolate(model, vq, labels, args):
-    """Zero-shot resolution extrapolation (paper Sec. 4.4): a factor-times larger token grid.
+    """Zero-shot resolution extrapolation (SPEC §7): a factor-times larger token grid.
 
     First an ordinary sample at the training grid g; its tokens become the known tokens at
     positions (f*r, f*c) of the G = f*g grid; the rest is generated in random order with the

@@ -136,7 +136,7 @@ def test_cached_decoding_equals_teacher_forcing(steps, cfg):
         n = logits.size(1)
         if n == 1 or steps == 16:
             assert (logits - slow[:, done:done + n]).abs().max() < 1e-4
-        else:  # later queries of a parallel step see PI tokens, not image tokens (Sec. 3.3): only the first matches
+        else:  # later queries of a parallel step see PI tokens, not image tokens (SPEC §4-5): only the first matches
             assert (logits[:, 0] - slow[:, done]).abs().max() < 1e-4
         done += n
     assert done == 16 and len(seen) == len(decoding_schedule(16, steps))
@@ -419,8 +419,6 @@ def test_tokenizer_cli_errors(tmp_path):
 
 # ---- train.py ----------------------------------------------------------------------------------
 
-import train
-
 
 def synthetic_run_dir(path, n_train=64, n_test=32):
     """An output folder with a random demo tokenizer and random token files: train.py skips to RandAR."""
@@ -486,15 +484,15 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    tok.save_atomic({"step": 1, "w": torch.ones(3)}, path)
 
     def dying_save(obj, f):  # writes half a file, then the process "dies"
         open(f, "wb").write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
-    monkeypatch.setattr(train.torch, "save", dying_save)
+    monkeypatch.setattr(tok.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
+        tok.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

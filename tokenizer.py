@@ -415,9 +415,14 @@ def save_grid(images_uint8, path, nrow):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +536,8 @@ def encode_dataset(model, dataset, flip=False, batch_size=256):
 def encode(args):
     model = load_tokenizer(args.ckpt)
     dataset, num_classes = open_dataset(args.data, args.split, args.data_dir, args.image_size)
+    if args.limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     check_fits(model.config, dataset)
     tokens, labels = encode_dataset(model, dataset, args.flip)
     out = args.out or os.path.join(os.path.dirname(args.ckpt), f"tokens_{args.split}.pt")
@@ -555,6 +562,7 @@ def get_parser():
         s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
         s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
         s.add_argument("--image-size", type=int, default=32)
+        s.add_argument("--limit", type=int, default=0, help="use only the first N images")
         if name == "train":
             s.add_argument("--preset", default="demo", choices=PRESETS)
             s.add_argument("--out-dir", default="runs/demo")
@@ -562,7 +570,6 @@ def get_parser():
             s.add_argument("--batch-size", type=int, default=64)
             s.add_argument("--lr", type=float, default=2e-3)
             s.add_argument("--flip", action="store_true", help="random horizontal flips")
-            s.add_argument("--limit", type=int, default=0, help="use only the first N images")
             s.add_argument("--reinit-every", type=int, default=200, help="re-initialise dead codes every K steps")
             s.add_argument("--image-every", type=int, default=500)
             s.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@
         --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 400000
 
 With no tokenizer checkpoint in --out-dir, the small tokenizer is trained first; the dataset is
-encoded to tokens once (cached in --out-dir); then RandAR trains in random order (paper Sec. 3),
+encoded to tokens once (cached in --out-dir); then RandAR trains in random order (SPEC §3),
 writing a sample grid (one row per class), validation loss, metrics and checkpoints. Re-running the
 same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel is used
 (gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
@@ -58,13 +58,6 @@ def all_mean(values, device):
     return t.tolist()
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def learning_rate(step, args):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
     if step < args.warmup_steps:
@@ -76,28 +69,20 @@ def learning_rate(step, args):
 def prepare_tokens(args, is_main):
     """Tokenizer checkpoint (trained here if missing) and the cached token files of both splits."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
+    data_args = ["--data", args.data, "--image-size", str(args.image_size), "--limit", str(args.limit)] + \
+        (["--data-dir", args.data_dir] if args.data_dir else [])
     if is_main and not os.path.exists(ckpt):
         if args.tokenizer_ckpt:
             raise FileNotFoundError(f"tokenizer checkpoint not found: {ckpt}")
-        targs = tok.get_parser().parse_args(["train", "--out-dir", args.out_dir, "--steps", str(args.tokenizer_steps),
-                                             "--data", args.data, "--image-size", str(args.image_size),
-                                             "--limit", str(args.limit)] +
-                                            (["--data-dir", args.data_dir] if args.data_dir else []))
-        tok.train(targs)
+        tok.train(tok.get_parser().parse_args(["train", "--out-dir", args.out_dir, "--steps",
+                                               str(args.tokenizer_steps)] + data_args))
     barrier()
-    files = {}
-    for split in ("train", "test"):
-        files[split] = os.path.join(args.out_dir, f"tokens_{split}.pt")
-        if is_main and not os.path.exists(files[split]):
-            model = tok.load_tokenizer(ckpt)
-            dataset, num_classes = tok.open_dataset(args.data, split, args.data_dir, args.image_size)
-            if args.limit:
-                dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-            tok.check_fits(model.config, dataset)
-            tokens, labels = tok.encode_dataset(model, dataset, flip=args.flip and split == "train")
-            tok.save_atomic({"tokens": tokens, "labels": labels, "num_classes": num_classes,
-                             "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(ckpt)},
-                            files[split])
+    files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
+    for split, path in files.items():
+        if is_main and not os.path.exists(path):
+            flip = ["--flip"] if args.flip and split == "train" else []
+            tok.encode(tok.get_parser().parse_args(["encode", "--ckpt", ckpt, "--split", split, "--out", path]
+                                                   + flip + data_args))
     barrier()
     return ckpt, {s: torch.load(f, weights_only=True) for s, f in files.items()}
 
@@ -229,9 +214,9 @@ def main(args):
                 "config": asdict(cfg), "rng": rngs, "rank_param_checksums": checks,
                 "data_position": {"epoch": epoch, "batch": batch_in_epoch},
                 "tokenizer": os.path.abspath(vq_path), "args": vars(args)}
-        save_atomic(ckpt, last)
+        tok.save_atomic(ckpt, last)
         if args.keep > 0:
-            save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
+            tok.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
             kept = sorted(f for f in os.listdir(args.out_dir) if f.startswith("step_") and f.endswith(".pt"))
             for old in kept[:-args.keep]:
                 os.remove(os.path.join(args.out_dir, old))
