@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import tokenizer as tok
@@ -66,26 +66,8 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", **ext
     return tokens, decode_images(vq, tokens, extra.get("grid") or model.config.grid)
 
 
-def tile(images, nrow, labels=None, label_width=0, pad=2):
-    """(B, C, H, W) uint8 -> PIL image with nrow images per row and optional row labels on the left."""
-    B, C, H, W = images.shape
-    rows = -(-B // nrow)
-    canvas = Image.new("L" if C == 1 else "RGB", (label_width + nrow * (W + pad), rows * (H + pad)), 255)
-    for i, im in enumerate(images):
-        arr = im.permute(1, 2, 0).numpy()
-        canvas.paste(Image.fromarray(arr[..., 0] if C == 1 else arr), (label_width + (i % nrow) * (W + pad),
-                                                                         (i // nrow) * (H + pad)))
-    draw = ImageDraw.Draw(canvas)
-    for r, text in enumerate(labels or []):
-        draw.text((2, r * (H + pad) + H // 2 - 5), text, fill=0)
-    return canvas
-
-
-def save_png(image, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+def save_figure(image, path):
+    tok.save_png(image, path)
     print(f"wrote {path}")
 
 
@@ -164,8 +146,8 @@ def edit(model, vq, args):
     tokens, results = generate_batched(model, vq, labels, args, known=known, desc="editing")
     shown_mask = (mask[None].expand_as(image).to(torch.uint8) * 255)
     masked_input = torch.where(mask, torch.full_like(canvas, 128), canvas)
-    figure = tile(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3)
-    save_png(figure, args.out)
+    figure = tok.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3)
+    save_figure(figure, args.out)
     return tokens, known
 
 
@@ -188,7 +170,7 @@ def extrapolate(model, vq, labels, args):
                               spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
-    save_png(tile(pairs, nrow=2 * args.num), args.out)
+    save_figure(tok.image_grid(pairs, nrow=2 * args.num), args.out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,13 +257,13 @@ def main(args):
             args.order, args.steps = order, steps
             images.append(generate_batched(model, vq, labels, args, desc=name)[1])
             names.append(name)
-        save_png(tile(torch.cat(images), nrow=len(classes), labels=names, label_width=56), args.out)
+        save_figure(tok.image_grid(torch.cat(images), nrow=len(classes), row_labels=names, label_width=56), args.out)
         return
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.num)
     if args.extrapolate:
         return extrapolate(model, vq, labels, args)
     _, images = generate_batched(model, vq, labels, args)
-    save_png(tile(images, nrow=args.num), args.out)
+    save_figure(tok.image_grid(images, nrow=args.num), args.out)
     if args.out_npz:
         tmp = args.out_npz + ".tmp.npz"
         np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.cpu().numpy())

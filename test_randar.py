@@ -513,7 +513,7 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     for f in ("tokenizer.pt", "tokens_train.pt", "tokens_test.pt", "last.pt", "samples.png", "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
     grid = Image.open(os.path.join(out, "samples.png"))
-    assert grid.size == (2 * 32, 10 * 32)
+    assert grid.size == (2 * (32 + 2), 10 * (32 + 2))  # 2 px gaps
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
     ckpt = weights(out)

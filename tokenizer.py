@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
@@ -401,16 +401,25 @@ def to_uint8(pixels):
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_grid(images_uint8, path, nrow):
-    """(B, C, H, W) uint8 -> one PNG, nrow images per row."""
+def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2):
+    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows."""
     B, C, H, W = images_uint8.shape
     rows = math.ceil(B / nrow)
-    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    canvas = Image.new("L" if C == 1 else "RGB", (label_width + nrow * (W + pad), rows * (H + pad)), 255)
     for i, im in enumerate(images_uint8):
-        grid[:, (i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = im
-    arr = grid.permute(1, 2, 0).numpy()
+        arr = im.permute(1, 2, 0).cpu().numpy()
+        canvas.paste(Image.fromarray(arr[..., 0] if C == 1 else arr),
+                     (label_width + (i % nrow) * (W + pad), (i // nrow) * (H + pad)))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(row_labels):
+        draw.text((2, r * (H + pad) + H // 2 - 5), text, fill=0)
+    return canvas
+
+
+def save_png(image, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    Image.fromarray(arr[:, :, 0] if C == 1 else arr).save(tmp)
+    image.save(tmp)
     os.replace(tmp, path)
 
 
@@ -504,7 +513,7 @@ def reinit_dead_codes(model, code_hits, x):
 def save_reconstructions(model, images, path):
     model.eval()
     recon = to_uint8(model.decode(model.encode(to_pixels(images))))
-    save_grid(torch.cat([images, recon]), path, nrow=len(images))  # originals above reconstructions
+    save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above reconstructions
 
 
 @torch.no_grad()

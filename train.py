@@ -122,7 +122,7 @@ def sample_grid(model, vq, num_classes, path, args, device, ctx):
         tokens = model.generate(labels, order=args.order, cfg=(1.0, args.cfg), temperature=1.0, generator=g)
     grid = model.config.grid
     images = tok.to_uint8(vq.decode(tokens.view(-1, grid, grid)).float()).cpu()
-    tok.save_grid(images, path, nrow=args.samples_per_class)
+    tok.save_png(tok.image_grid(images, nrow=args.samples_per_class), path)
     model.train()
 
 
