@@ -122,18 +122,14 @@ def edit(model, vq, args):
         e = args.extend
         if e <= 0 or e % down or e >= size:
             raise ValueError(f"--extend must be a positive multiple of {down} below {size}, got {e}")
-        canvas, mask = torch.zeros_like(image), torch.zeros(size, size, dtype=torch.bool)
-        dx = {"left": e, "right": -e}
-        dy = {"top": e, "bottom": -e}
         sides = args.sides.split(",")
-        if not sides or any(s not in ("left", "right", "top", "bottom") for s in sides):
+        if any(s not in ("left", "right", "top", "bottom") for s in sides):
             raise ValueError(f"--sides must be a comma list of left,right,top,bottom, got {args.sides!r}")
-        shift_x, shift_y = sum(dx.get(s, 0) for s in sides), sum(dy.get(s, 0) for s in sides)
-        canvas = torch.roll(image, (shift_y, shift_x), dims=(1, 2))
-        mask[:] = True
-        ys, xs = slice(max(shift_y, 0), size + min(shift_y, 0)), slice(max(shift_x, 0), size + min(shift_x, 0))
-        mask[ys, xs] = False
-        canvas = torch.where(mask, torch.zeros_like(canvas), canvas)
+        shift_x = e * (("left" in sides) - ("right" in sides))  # new pixels on the right: content moves left
+        shift_y = e * (("top" in sides) - ("bottom" in sides))
+        mask = torch.ones(size, size, dtype=torch.bool)  # everything is new but the shifted image
+        mask[max(shift_y, 0):size + min(shift_y, 0), max(shift_x, 0):size + min(shift_x, 0)] = False
+        canvas = torch.roll(image, (shift_y, shift_x), dims=(1, 2)).masked_fill(mask, 0)
     # A token is regenerated when any pixel of its patch is masked.
     token_mask = F.max_pool2d(mask[None, None].float(), down)[0, 0].bool().flatten()  # (N,)
     tokens = vq.encode(tok.to_pixels(canvas[None].to(args.device)))[0].flatten()

@@ -742,3 +742,11 @@ def test_sample_cli_errors(tiny_run, tmp_path):
         r = run("sample.py", *(["--ckpt", ckpt] if "--ckpt" not in argv else []), *argv, "--out", out)
         assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
         assert not out.exists()
+
+
+def test_bench_runs_on_a_preset_without_checkpoint():
+    r = run("sample.py", "--bench", "--preset", "tiny", "--bench-batch", 2, "--repeats", 1, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
+    assert len(rows) == 2 * 7 and "parallel random, 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
+    assert all(l.count("|") == 6 for l in rows) and "| 1.00x |" in r.stdout
