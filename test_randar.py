@@ -520,6 +520,8 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     model = RandAR(RandARConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"], strict=True)
     assert model.config.block_size == 64 and model.config.vocab_size == 512
+    r = run("train.py", "--out-dir", out, "--limit", 128, "--steps", 8, "--preset", "tiny")  # other data, same folder
+    assert r.returncode != 0 and "was encoded from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- eval_fid.py -------------------------------------------------------------------------------

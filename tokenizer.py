@@ -542,6 +542,12 @@ def encode_dataset(model, dataset, flip=False, batch_size=256):
     return torch.cat(tokens).to(dtype), torch.cat(labels)
 
 
+def encode_source(args):
+    """What a token file was made from; train.py refuses a cache made from something else."""
+    return {"data": args.data, "split": args.split, "image_size": args.image_size, "limit": args.limit,
+            "flip": args.flip}
+
+
 def encode(args):
     model = load_tokenizer(args.ckpt)
     dataset, num_classes = open_dataset(args.data, args.split, args.data_dir, args.image_size)
@@ -551,7 +557,8 @@ def encode(args):
     tokens, labels = encode_dataset(model, dataset, args.flip)
     out = args.out or os.path.join(os.path.dirname(args.ckpt), f"tokens_{args.split}.pt")
     save_atomic({"tokens": tokens, "labels": labels, "num_classes": num_classes,
-                 "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(args.ckpt)}, out)
+                 "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(args.ckpt),
+                 "source": encode_source(args)}, out)
     print(f"wrote {len(tokens)} token grids to {out}")
 
 

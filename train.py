@@ -78,13 +78,21 @@ def prepare_tokens(args, is_main):
                                                str(args.tokenizer_steps)] + data_args))
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
+    encode_args = {}
     for split, path in files.items():
+        flip = ["--flip"] if args.flip and split == "train" else []
+        encode_args[split] = tok.get_parser().parse_args(["encode", "--ckpt", ckpt, "--split", split, "--out", path]
+                                                         + flip + data_args)
         if is_main and not os.path.exists(path):
-            flip = ["--flip"] if args.flip and split == "train" else []
-            tok.encode(tok.get_parser().parse_args(["encode", "--ckpt", ckpt, "--split", split, "--out", path]
-                                                   + flip + data_args))
+            tok.encode(encode_args[split])
     barrier()
-    return ckpt, {s: torch.load(f, weights_only=True) for s, f in files.items()}
+    data = {s: torch.load(f, weights_only=True) for s, f in files.items()}
+    for split, d in data.items():  # a cache made from other data would silently train on the wrong tokens
+        made_from, wanted = d.get("source"), tok.encode_source(encode_args[split])
+        if made_from is not None and made_from != wanted:
+            raise ValueError(f"{files[split]} was encoded from {made_from}, not {wanted}; delete it or use "
+                             f"another --out-dir")
+    return ckpt, data
 
 
 # ----------------------------------------------------------------------------------------------
