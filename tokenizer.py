@@ -494,7 +494,8 @@ def train(args):
     bar.close()
     save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step,
                  "data": args.data, "image_size": args.image_size}, ckpt_path)
-    print(f"done in {time.time() - t0:.0f}s; wrote {ckpt_path}")
+    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
+          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
     return ckpt_path
 
 
