@@ -752,3 +752,13 @@ def test_bench_runs_on_a_preset_without_checkpoint():
     rows = [l for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
     assert len(rows) == 2 * 7 and "parallel random, 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
     assert all(l.count("|") == 6 for l in rows) and "| 1.00x |" in r.stdout
+
+
+def test_llamagen_style_file_without_config_loads_as_vq16(tmp_path):
+    torch.manual_seed(0)
+    model = tok.VQModel(tok.PRESETS["llamagen-vq16"])
+    path = str(tmp_path / "vq_ds16_c2i.pt")
+    torch.save({"model": model.state_dict()}, path)  # the published file's layout
+    loaded = tok.load_tokenizer(path)
+    assert loaded.config == tok.PRESETS["llamagen-vq16"]
+    assert torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)

@@ -270,9 +270,11 @@ def load_tokenizer(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a tokenizer checkpoint (needs 'model' and 'config')")
-    model = VQModel(VQConfig.from_dict(ckpt["config"]))
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (no 'model' entry)")
+    # LlamaGen's published vq_ds16_c2i.pt holds only {"model": ...}: it is the llamagen-vq16 preset.
+    cfg = VQConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["llamagen-vq16"]
+    model = VQModel(cfg)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
@@ -389,7 +391,10 @@ def open_dataset(data, split="train", data_dir=None, image_size=32):
             raise ValueError(f"--image-size must be 32 for fashion-mnist, got {image_size}")
         images, labels = fashion_mnist(split, data_dir)
         return torch.utils.data.TensorDataset(images, labels), len(FASHION_CLASSES)
-    ds = ImageFolder(os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data, image_size)
+    # data/<split>/<class>/... (ImageNet calls its held-out split "val"), else data/<class>/...
+    sub = next((os.path.join(data, s) for s in [split] + (["val"] if split == "test" else [])
+                if os.path.isdir(os.path.join(data, s))), data)
+    ds = ImageFolder(sub, image_size)
     return ds, len(ds.classes)
 
 
