@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import tokenizer as tok
-from randar import PRESETS, KVCache, RandAR, RandARConfig, decoding_schedule
+from randar import PRESETS, KVCache, RandAR, RandARConfig
 
 
 def load_run(ckpt_path, device):
@@ -213,8 +213,8 @@ def bench(model, args):
             rows.append((batch, name, 1000 * t / batch, batch / t, base / t))
     print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}, "
           f"median of {args.repeats}")
-    print(f"| batch | decoding | ms / image | images / s | speed-up vs cached random |")
-    print(f"|---|---|---|---|---|")
+    print("| batch | decoding | ms / image | images / s | speed-up vs cached random |")
+    print("|---|---|---|---|---|")
     for batch, name, ms, ips, speedup in rows:
         print(f"| {batch} | {name} | {ms:.2f} | {ips:.1f} | {speedup:.2f}x |")
 

@@ -630,7 +630,7 @@ def test_rope_tables_match_reference_and_extrapolation_mix(fx):
         assert (rope_table_2d(ref["grid_size"], ref["head_dim"], ref["base"]) - ref["table"]).abs().max() < 1e-6
     ref = fx["rope"]["freqs_cis_2d_extrapolation"]  # grid 8 from grid 4, boundary 2
     ours = rope_table_2d(8, 16, scale=0.5, ntk_boundary=2)
-    raw, half = rope_table_2d(8, 16), rope_table_2d(16, 16)  # coordinate c/2 on grid 8 = c on a 16 grid, halved
+    raw = rope_table_2d(8, 16)  # raw coordinates on the large grid
     high = [0, 1, 4, 5]  # the two highest frequencies of the row half and of the column half (hd/4 = 4)
     low = [2, 3, 6, 7]
     assert (ours[:, high] - raw[:, high]).abs().max() < 1e-6

@@ -130,21 +130,24 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution: ResnetBlocks (each optionally followed by an AttnBlock), then a resampler."""
 
-    def __init__(self, cfg, c_in, c_out, n_res, attn, resample):
+    def __init__(self, cfg, c_in, c_out, n_res, attn, down=False, up=False):
         super().__init__()
         self.res = nn.ModuleList(ResnetBlock(cfg, c_in if j == 0 else c_out, c_out) for j in range(n_res))
         self.attn = nn.ModuleList(AttnBlock(cfg, c_out) for _ in range(n_res if attn else 0))
-        if resample is not None:
-            setattr(self, resample.__name__.lower(), resample(c_out))
+        if down:
+            self.downsample = Downsample(c_out)
+        if up:
+            self.upsample = Upsample(c_out)
 
     def forward(self, x):
         for j, res in enumerate(self.res):
             x = res(x)
             if len(self.attn):
                 x = self.attn[j](x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
         return x
 
 
@@ -159,8 +162,8 @@ class Encoder(nn.Module):
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList(
-            Level(cfg, ([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks, attn=i == last,
-                  resample=Downsample if i < last else None) for i in range(len(widths)))
+            Level(cfg, ([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks, attn=i == last, down=i < last)
+            for i in range(len(widths)))
         self.mid = middle(cfg, widths[-1])
         self.norm_out = Norm(cfg, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
@@ -180,8 +183,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, padding=1)
         self.mid = middle(cfg, widths[0])
         self.conv_blocks = nn.ModuleList(
-            Level(cfg, ([widths[0]] + widths)[i], widths[i], cfg.num_res_blocks + 1, attn=i == 0,
-                  resample=Upsample if i < last else None) for i in range(len(widths)))
+            Level(cfg, ([widths[0]] + widths)[i], widths[i], cfg.num_res_blocks + 1, attn=i == 0, up=i < last)
+            for i in range(len(widths)))
         self.norm_out = Norm(cfg, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
 
