@@ -198,22 +198,19 @@ def main(args):
     bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
     t_last, tokens_seen = time.time(), 0
 
-    def save(final=False):
+    def gather(obj):  # one object per rank, in rank order
+        objs = [obj] * world
+        if dist.is_initialized():
+            dist.all_gather_object(objs, obj)
+        return objs
+
+    def save():
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        rngs = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        rngs = gather(rng)
         # per-rank parameter checksums: DDP replicas must be identical
-        check = sum(p.double().sum().item() for p in raw_model.parameters())
-        checks = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(checks, check)
-        else:
-            checks = [check]
+        checks = gather(sum(p.double().sum().item() for p in raw_model.parameters()))
         if not is_main:
             return
         ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
