@@ -3,9 +3,9 @@
 Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Orders", CVPR 2025.
 The network is a LLaMA-style GPT (as in LlamaGen). What makes it RandAR is one extra input: before
 each image token the model sees a *position instruction* token PI(p), a learned vector rotated by
-the 2D RoPE of the position p it must predict next (SPEC §3). Trained on random orders, the
-same weights then decode in raster order, random order, several tokens per step with a KV cache
-(SPEC §4-5), or around known tokens (zero-shot inpainting / outpainting, SPEC §6).
+the 2D RoPE of the position p it must predict next (paper §3.2; docs/algorithm.md §3). Trained on
+random orders, the same weights decode in raster order, random order, several tokens per step with
+a KV cache (paper §3.3), or around known tokens (zero-shot editing, paper §4.4).
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -15,12 +15,15 @@ Sequence layout for an image of N tokens generated in order pi (one slot per col
     target:         t[pi_0]                t[pi_1]               ...  t[pi_{N-1}]
 
 Usage:
-    from randar import RandAR, RandARConfig, PRESETS
+    from randar import RandAR, PRESETS
     model = RandAR(PRESETS["demo"])
-    logits, loss = model(tokens, labels, order="random")        # training
-    images_tokens = model.generate(labels, steps=16, cfg=(1.0, 3.0))   # [B, N] raster layout
+    logits, loss = model(tokens, labels, order="random")                  # training
+    tokens = model.generate(labels, steps=16, cfg_scale=(1.0, 3.0))        # [B, N], raster layout
 """
+import json
 import math
+import os
+import pickle
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -55,6 +58,21 @@ class RandARConfig:
     REFERENCE_ONLY = ("caption_dim", "model_type", "max_batch_size", "max_seq_len", "position_order",
                       "num_inference_steps", "zero_class_qk", "grad_checkpointing")
 
+    def __post_init__(self):
+        kv = self.n_kv_head or self.n_head
+        checks = [("n_layer", self.n_layer >= 1), ("n_head", self.n_head >= 1),
+                  ("dim", self.dim >= 1 and self.dim % self.n_head == 0 and self.dim // self.n_head % 4 == 0),
+                  ("n_kv_head", 1 <= kv <= self.n_head and self.n_head % kv == 0),
+                  ("multiple_of", self.multiple_of >= 1), ("rope_base", self.rope_base > 0),
+                  ("num_classes", self.num_classes >= 1), ("vocab_size", self.vocab_size >= 1),
+                  ("cls_token_num", self.cls_token_num == 1),
+                  ("block_size", self.block_size >= 1 and math.isqrt(self.block_size) ** 2 == self.block_size)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"RandARConfig.{name}={getattr(self, name)!r} is invalid (n_head={self.n_head}: "
+                                 f"the head dim dim/n_head must be a multiple of 4, n_kv_head must divide n_head, "
+                                 f"block_size must be a square, counts positive, cls_token_num 1)")
+
     @classmethod
     def from_dict(cls, d):
         """Build from a checkpoint's config dict (ours or the reference's); unknown keys are an error."""
@@ -75,7 +93,7 @@ PRESETS = {
     # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes.
     "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10,
                          vocab_size=512, block_size=64),
-    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), SPEC §8.
+    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), paper Table 1.
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
     "XL": RandARConfig(dim=1280, n_layer=36, n_head=20),
     "XXL": RandARConfig(dim=1536, n_layer=48, n_head=24),
@@ -83,17 +101,19 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# 2D rotary position embedding (SPEC §2-3). A head vector is read as hd/2 consecutive pairs; the
-# first hd/4 pairs rotate with the row, the next hd/4 with the column.
+# 2D rotary position embedding (docs/algorithm.md §2). A head vector is read as hd/2 consecutive
+# pairs; the first hd/4 pairs rotate with the row, the next hd/4 with the column.
 
 def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
     """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
 
-    Resolution extrapolation (SPEC §7, NTK-style): with scale < 1 the coordinates of all but
+    Resolution extrapolation (paper §4.5, NTK-style): with scale < 1 the coordinates of all but
     the `ntk_boundary` highest frequencies (per half: rows, columns) are multiplied by `scale`
     (interpolated); the highest ones keep the raw coordinate (extrapolated), so fine detail keeps
     the rotation speed it was trained with while the coarse layout stays inside the trained range.
     """
+    if ntk_boundary < 0:
+        raise ValueError(f"ntk_boundary must be >= 0, got {ntk_boundary}")
     freqs = base ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
     coord_scale = torch.full_like(freqs, scale)
     coord_scale[:ntk_boundary] = 1.0  # f_0 is the highest frequency
@@ -149,8 +169,20 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return flat.reshape(probs.shape[:-1])
 
 
+def guided_logits(logits, groups, scale, spatial_scale=0.0):
+    """Classifier-free guidance on rows stacked [cond; uncond] (groups 2) or [cond; uncond; weak]
+    (groups 3, spatial guidance against a copy with half of the context dropped, paper §4.5)."""
+    if groups == 1:
+        return logits
+    if groups == 2:
+        cond, uncond = logits.chunk(2)
+        return uncond + scale * (cond - uncond)
+    cond, uncond, weak = logits.chunk(3)
+    return weak + scale * (cond - uncond) + spatial_scale * (uncond - weak)
+
+
 def decoding_schedule(n_tokens, steps):
-    """Tokens decoded per step for parallel decoding: the reference's cosine rule (SPEC §4-5).
+    """Tokens decoded per step for parallel decoding: the reference's cosine rule (paper §3.3).
 
     steps == -1 or steps >= n_tokens means one token per step. Computed in double precision:
     float32 rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong.
@@ -168,6 +200,33 @@ def decoding_schedule(n_tokens, steps):
     return counts
 
 
+def feed_plan(schedule, known, trash_slot=None, device=None):
+    """What every decode step after the prefill feeds, as index tensors built once before the loop.
+
+    A step that sampled n tokens at generation indices q..q+n-1, followed by a step of m queries,
+    feeds [E(q), PI(q+1), E(q+1), ..., E(q+n-1), PI(q+n), ..., PI(q+n+m-1)] at slots 2q+2, 2q+3, ...
+    (docs/algorithm.md §4): the 2nd..n-th queries, fed last step at temporary slots, are rewritten at
+    their training slots, so the cache always ends in the training layout. Per step:
+    (gen_index [L], is_pi [L], slot [L], query [M]): which generation index each fed item shows,
+    whether it is a PI token (else the token embedding), its cache slot, and the fed items whose
+    logits are read. With trash_slot, every step is padded to the longest one (one shape for
+    torch.compile): padding items write to trash_slot, which no real slot attends to, and padded
+    queries read item 0; the caller keeps only the first m logits.
+    """
+    plan, q = [], known
+    for n, m in zip(schedule[:-1], schedule[1:]):
+        gen = [q] + [k for j in range(1, n) for k in (q + j, q + j)] + list(range(q + n, q + n + m))
+        is_pi = [False] + [j % 2 == 0 for j in range(2 * n - 2)] + [True] * m
+        slots = list(range(2 * q + 2, 2 * q + 2 + len(gen)))
+        plan.append((gen, is_pi, slots, list(range(len(gen) - m, len(gen)))))
+        q += n
+    if trash_slot is not None and plan:
+        L, M = max(len(p[0]) for p in plan), max(len(p[3]) for p in plan)
+        plan = [(g + [0] * (L - len(g)), pi + [True] * (L - len(g)), s + [trash_slot] * (L - len(g)),
+                 qr + [0] * (M - len(qr))) for g, pi, s, qr in plan]
+    return [tuple(torch.tensor(v, device=device) for v in p) for p in plan]
+
+
 # ----------------------------------------------------------------------------------------------
 # The transformer
 
@@ -182,25 +241,24 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class KVCache:
-    """Per-layer key/value slots (B, H, S, hd), allocated on the first write, written by index.
+class KVCache(nn.Module):
+    """Per-layer key/value slots (B, H, S, hd), allocated once at full size, written by index.
 
-    Parallel decoding writes several slots per step and later overwrites some of them (SPEC §4-5),
-    which index writes handle with no special case. A plain object, so never in the state dict.
+    Parallel decoding writes several slots per step and later overwrites some of them, which index
+    writes handle with no special case. Non-persistent buffers: never in the state dict.
     """
 
-    def __init__(self, max_slots):
-        self.max_slots, self.k, self.v = max_slots, None, None
+    def __init__(self, batch, heads, slots, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, heads, slots, head_dim)
+        # zeros, not empty: masked slots still enter attention as 0 * value, and NaN garbage would leak
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        if self.k is None:
-            B, H, _, hd = k.shape
-            self.k = k.new_zeros(B, H, self.max_slots, hd)
-            self.v = v.new_zeros(B, H, self.max_slots, hd)
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        end = int(input_pos[-1]) + 1  # slots past the newest one are masked anyway
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots, k, v):
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -213,25 +271,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.kv_cache = None  # a KVCache while decoding (RandAR.setup_caches)
 
-    def forward(self, x, rope, cache=None, input_pos=None):
+    def forward(self, x, rope, slots=None, mask=None):
         B, T, C = x.shape
         hd, kv_size = self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([C, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, hd), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.n_kv_head, hd), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        if cache is None:  # training: plain causal attention over the whole sequence
-            mask, causal = None, True
-        else:  # decoding: the token at slot s sees cache slots 0..s
-            k, v = cache.update(input_pos, k, v)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= input_pos[:, None]
-            causal = False
+        if slots is not None:  # decoding: write this feed's slots, attend over the whole cache
+            k, v = self.kv_cache.update(slots, k, v)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slots is None, dropout_p=dropout)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -267,8 +322,8 @@ class Block(nn.Module):
         keep = x.new_empty(x.size(0), 1, 1).bernoulli_(1 - self.drop_path)
         return x * keep / (1 - self.drop_path)
 
-    def forward(self, x, rope, cache=None, input_pos=None):
-        h = x + self._drop_path(self.attention(self.attention_norm(x), rope, cache, input_pos))
+    def forward(self, x, rope, slots=None, mask=None):
+        h = x + self._drop_path(self.attention(self.attention_norm(x), rope, slots, mask))
         return h + self._drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -285,12 +340,17 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def as_index_tensor(value, name, device):
+    """Integer tensor on device; floats and booleans are refused instead of truncated."""
+    t = torch.as_tensor(value, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t.long()
+
+
 class RandAR(nn.Module):
     def __init__(self, cfg: RandARConfig):
         super().__init__()
-        if cfg.cls_token_num != 1 or cfg.grid ** 2 != cfg.block_size or cfg.dim % cfg.n_head:
-            raise ValueError(f"unsupported config: cls_token_num={cfg.cls_token_num} (must be 1), "
-                             f"block_size={cfg.block_size} (must be square), dim={cfg.dim} % n_head={cfg.n_head}")
         self.config = cfg
         self.pos_instruct_embeddings = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cls_embedding = LabelEmbedder(cfg)
@@ -302,7 +362,7 @@ class RandAR(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base),
                              persistent=False)
-        self.kv_caches = None  # set by generate(); left in place afterwards for inspection
+        self.compiled_step = None  # torch.compile(self.decode_step), made on the first generate(compile=True)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -318,26 +378,33 @@ class RandAR(nn.Module):
 
     # ---- building the interleaved sequence --------------------------------------------------
 
-    def position_instructions(self, positions):
+    def position_instructions(self, positions, rope):
         """PI tokens for raster positions [B, T] -> [B, T, D]: the learned vector, per head, rotated by RoPE."""
         B, T = positions.shape
         H = self.config.n_head
         pi = self.pos_instruct_embeddings.view(1, 1, H, -1).expand(B, T, H, self.config.dim // H)
-        return apply_rope(pi, self.rope[positions + 1]).reshape(B, T, self.config.dim)
+        return apply_rope(pi, rope[positions + 1]).reshape(B, T, self.config.dim)
 
-    def pairs(self, positions, tokens):
-        """[PI(p_0), E(t_0), PI(p_1), E(t_1), ...] -> x [B, 2T, D] and its RoPE entries [B, 2T, hd/2, 2]."""
+    def pairs(self, positions, tokens, rope, keep=None):
+        """[PI(p_0), E(t_0), PI(p_1), E(t_1), ...] -> x [B, 2T, D] and its RoPE rows [B, 2T, hd/2, 2].
+        keep [B, T]: multiplies the token embeddings (0 drops a context token for spatial CFG)."""
         B, T = positions.shape
         img = self.token_dropout(self.tok_embeddings(tokens))
-        x = torch.stack([self.position_instructions(positions), img], dim=2).reshape(B, 2 * T, self.config.dim)
-        slot_pos = positions.repeat_interleave(2, dim=1)  # both tokens of a pair sit at p_j
-        return x, self.rope[slot_pos + 1]
+        if keep is not None:
+            img = img * keep[..., None].to(img.dtype)
+        x = torch.stack([self.position_instructions(positions, rope), img], dim=2).reshape(B, 2 * T, img.size(-1))
+        return x, rope[positions.repeat_interleave(2, dim=1) + 1]  # both tokens of a pair sit at p_j
 
-    def _transformer(self, x, rope, input_pos=None):
-        """Hidden states of all fed slots; the output head is applied only where logits are read."""
-        caches = self.kv_caches if input_pos is not None else [None] * len(self.layers)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, rope, cache, input_pos)
+    def _transformer(self, x, rope, slots=None, n_layers=None):
+        """Hidden states of all fed items. slots None: plain causal attention over x (training).
+        slots [T]: decoding, each item writes its K/V to the caches of setup_caches at its slot and
+        attends to every cache slot up to its own."""
+        mask = None
+        if slots is not None:
+            S = self.layers[0].attention.kv_cache.k.size(2)
+            mask = torch.arange(S, device=x.device)[None, :] <= slots[:, None]  # (T, S)
+        for layer in self.layers[:n_layers]:
+            x = layer(x, rope, slots, mask)
         return x
 
     def head(self, h):
@@ -345,30 +412,29 @@ class RandAR(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
 
-    def make_order(self, order, B, generator=None):
+    def make_order(self, order, B, N, generator=None):
         """'random' | 'raster' | a [B, N] permutation tensor -> [B, N] on the model's device."""
-        N, dev = self.rope.size(0) - 1, self.rope.device  # the grid being generated
+        dev = self.rope.device
         if isinstance(order, str):
-            if order == "random":  # an independent permutation per sample (SPEC §2-3)
+            if order == "random":  # an independent permutation per sample, drawn on the device
                 return torch.rand(B, N, device=dev, generator=generator).argsort(dim=1)
             if order == "raster":
                 return torch.arange(N, device=dev).expand(B, N)
             raise ValueError(f"order must be 'random', 'raster' or a [B, N] permutation, got {order!r}")
-        order = torch.as_tensor(order, device=dev)
-        if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values.cpu(),
-                                                    torch.arange(N).expand(B, N)):
+        order = as_index_tensor(order, "order", dev)
+        if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values, torch.arange(N, device=dev).expand(B, N)):
             raise ValueError(f"order must be a [B={B}, N={N}] tensor holding a permutation of 0..{N - 1} "
                              f"per row, got shape {tuple(order.shape)}")
-        return order.long()
+        return order
 
     def check_labels(self, labels, allow_null=False):
-        labels = torch.as_tensor(labels, device=self.rope.device)
+        labels = as_index_tensor(labels, "labels", self.rope.device)
         top = self.config.num_classes + int(allow_null)
-        if labels.dim() != 1 or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= top):
             raise ValueError(f"labels must lie in [0, {top}), got {labels.tolist()}")
-        return labels.long()
+        return labels
 
     def forward(self, tokens, labels, order=None):
         """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B].
@@ -381,160 +447,310 @@ class RandAR(nn.Module):
         B, N = labels.size(0), self.config.block_size
         if tokens.shape != (B, N):
             raise ValueError(f"tokens must have shape [B={B}, N={N}], got {tuple(tokens.shape)}")
-        order = self.make_order("random" if order is None else order, B)
+        order = self.make_order("random" if order is None else order, B, N)
         targets = tokens.gather(1, order)  # [B, N] tokens in generation order
-        pairs, pair_rope = self.pairs(order, targets)
+        pairs, pair_rope = self.pairs(order, targets, self.rope)
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs], dim=1)  # [B, 1 + 2N, D]
         rope = torch.cat([self.rope[:1].expand(B, 1, -1, -1), pair_rope], dim=1)
         logits = self.head(self._transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    # ---- generation with a KV cache (SPEC §4-5) -------------------------------------------------
+    # ---- generation with a KV cache (paper §3.3, docs/algorithm.md §4-5) ------------------------
 
-    def prefill(self, labels, order, known_tokens, n_queries):
-        """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_n-1)].
+    def setup_caches(self, batch, slots, dtype, device):
+        """Full-size K/V caches for `batch` rows and `slots` slots, owned by the model until
+        free_caches(). Kept across generate() calls of the same size, so a compiled decode step
+        (CUDA graphs) keeps reading the same memory; every slot read in a call is written first."""
+        cache = self.layers[0].attention.kv_cache
+        if cache is not None and cache.k.shape[:1] + cache.k.shape[2:3] == (batch, slots) \
+                and cache.k.dtype == dtype and cache.k.device == torch.device(device):
+            return
+        hd = self.config.dim // self.config.n_head
+        for layer in self.layers:
+            att = layer.attention
+            att.kv_cache = KVCache(batch, att.n_kv_head, slots, hd, dtype, device)
+
+    def free_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def prefill(self, rope, labels, order, known_tokens, n_queries, keep=None):
+        """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_m-1)] at slots 0...
 
         known_tokens [B, K] are the first K tokens of `order` (K may be 0); the last n_queries fed
-        tokens are the PIs of the first unknown positions. Returns their logits [B, n_queries, V].
+        items are the PIs of the first unknown positions. Returns their logits [B, n_queries, V].
         """
         B, K = known_tokens.shape
-        pairs, pair_rope = self.pairs(order[:, :K], known_tokens)
+        pairs, pair_rope = self.pairs(order[:, :K], known_tokens, rope, keep)
         queries = order[:, K:K + n_queries]
-        x = torch.cat([self.cls_embedding(labels)[:, None], pairs, self.position_instructions(queries)], 1)
-        rope = torch.cat([self.rope[:1].expand(B, 1, -1, -1), pair_rope, self.rope[queries + 1]], 1)
-        input_pos = torch.arange(x.size(1), device=x.device)
-        return self.head(self._transformer(x, rope, input_pos)[:, -n_queries:])
+        x = torch.cat([self.cls_embedding(labels)[:, None], pairs, self.position_instructions(queries, rope)], 1)
+        rows = torch.cat([rope[:1].expand(B, 1, -1, -1), pair_rope, rope[queries + 1]], 1)
+        slots = torch.arange(x.size(1), device=x.device)
+        return self.head(self._transformer(x, rows, slots)[:, -n_queries:])
 
-    def decode_step(self, order, done, new_tokens, n_queries):
-        """Feed the tokens just sampled and ask for the next n_queries positions.
-
-        `done` tokens were decoded before the step that sampled new_tokens [B, n]. Feed (SPEC §4-5):
-        [E(tok_done), PI(p_done+1), E(tok_done+1), ..., E(tok_done+n-1), PI(u_0), ..., PI(u_m-1)]
-        at slots 2*done+2 onwards: the step's first query already sits at its training slot
-        2*done+1, and the other queries, fed as temporary PIs last step, are overwritten here.
-        """
-        n = new_tokens.size(1)
-        pairs, pair_rope = self.pairs(order[:, done:done + n], new_tokens)
-        queries = order[:, done + n:done + n + n_queries]
-        x = torch.cat([pairs[:, 1:], self.position_instructions(queries)], 1)  # [B, 2n-1+m, D]
-        rope = torch.cat([pair_rope[:, 1:], self.rope[queries + 1]], 1)
-        input_pos = torch.arange(2 * done + 2, 2 * done + 2 + x.size(1), device=x.device)
-        return self.head(self._transformer(x, rope, input_pos)[:, -n_queries:])
+    def decode_step(self, rope, order, generated, gen_index, is_pi, slots, queries):
+        """One decode step from feed_plan's tensors; generated [B, N] holds the tokens in generation
+        order (only indices already sampled are read). Static shapes, no host synchronisation:
+        this is the function torch.compile sees. Returns logits [B, M, V] at the query items."""
+        positions = order[:, gen_index]  # (B, L) raster position each fed item belongs to
+        x = torch.where(is_pi[:, None], self.position_instructions(positions, rope),
+                        self.tok_embeddings(generated[:, gen_index]))
+        return self.head(self._transformer(x, rope[positions + 1], slots)[:, queries])
 
     @torch.no_grad()
-    def generate(self, labels, order="random", steps=None, cfg=(1.0, 1.0), temperature=1.0, top_k=0,
-                 top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg=None,
-                 ntk_boundary=2):
+    def generate(self, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), temperature=1.0, top_k=0,
+                 top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg_scale=None,
+                 ntk_boundary=2, compile=False):
         """Sample [B, N] tokens (raster layout) for class labels [B].
 
-        order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None or N: one token
-        per step; fewer: parallel decoding with the cosine schedule). cfg: (start, end) scales of
-        the linear CFG schedule. known: (positions [B, K], tokens [B, K]) fed teacher-forced first
-        and returned unchanged (inpainting / outpainting, SPEC §6). callback(step, logits [B, n, V]
-        after CFG, tokens [B, n]) is called after each step (used by the tests).
-        grid: generate a grid x grid image (N = grid^2) with the NTK-mixed RoPE table when it differs
-        from the training grid (resolution extrapolation, SPEC §7); spatial_cfg: (start, end) scales
-        of the "spatial" guidance against a copy whose known tokens are half dropped (needs known);
-        ntk_boundary: how many of the highest frequencies keep raw coordinates (the reference: 2).
+        order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None: one token per
+        step; fewer: parallel decoding with the cosine schedule). cfg_scale: (start, end) of the
+        linear guidance schedule, applied iff end > 1 (as the reference). known: (positions [B, K],
+        tokens [B, K]) fed teacher-forced first and returned unchanged (inpainting / outpainting).
+        grid: generate grid x grid tokens with the NTK-mixed RoPE table (resolution extrapolation,
+        paper §4.5); spatial_cfg_scale: (start, end) of the guidance against a copy with half of the
+        known tokens dropped, used iff both ends > 1. compile: decode steps padded to one shape and
+        run through torch.compile (CUDA graphs on GPU). callback(step, logits [B, n, V] after
+        guidance, tokens [B, n]) is called after each step, while the caches hold every fed item.
         """
-        if grid is None or grid == self.config.grid:
-            return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
-                                  callback, spatial_cfg)
+        grid = self.config.grid if grid is None else grid
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(grid, int) or grid < 1:
             raise ValueError(f"grid must be a positive integer, got {grid!r}")
-        # Interpolate low frequencies by exactly g/G: a token at (2r, 2c) of a 2x grid then gets the
-        # angles (r, c) it had in training. (The reference compresses by (G/2-1)/(G-1), slightly off.)
-        cfg_ = self.config
-        train_rope = self.rope
-        self.rope = rope_table_2d(grid, cfg_.dim // cfg_.n_head, cfg_.rope_base, scale=cfg_.grid / grid,
-                                  ntk_boundary=ntk_boundary).to(train_rope.device)
-        try:
-            return self._generate(labels, order, steps, cfg, temperature, top_k, top_p, known, generator,
-                                  callback, spatial_cfg)
-        finally:
-            self.rope = train_rope
+        N, labels = grid * grid, self.check_labels(labels)
+        self._check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)
+        rope = self.rope
+        if grid != self.config.grid:  # low frequencies interpolated by exactly g/G (docs/algorithm.md §7)
+            rope = rope_table_2d(grid, self.config.dim // self.config.n_head, self.config.rope_base,
+                                 scale=self.config.grid / grid, ntk_boundary=ntk_boundary).to(rope.device)
+        positions, canvas, is_known = self._known_canvas(known, labels.size(0), N)
+        order = self._generation_order(order, positions, is_known, N, generator)
+        if positions.size(1) == N:
+            return canvas
+        schedule = decoding_schedule(N - positions.size(1), N if steps is None else steps)
+        generated = canvas.gather(1, order)  # [B, N] in generation order; the first K are known
+        rows = self._guidance_rows(labels, generated[:, :positions.size(1)], cfg_scale, spatial_cfg_scale, generator)
+        out = self._decode(rope, order, generated, schedule, rows, cfg_scale, spatial_cfg_scale,
+                           (temperature, top_k, top_p, generator), callback, compile)
+        return torch.empty_like(out).scatter_(1, order, out)  # back to raster layout
 
-    def _generate(self, labels, order, steps, cfg, temperature, top_k, top_p, known, generator, callback,
-                  spatial_cfg):
-        N = self.rope.size(0) - 1
-        labels = self.check_labels(labels)
-        B, dev = labels.size(0), labels.device
-        steps = N if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    @staticmethod
+    def _check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg_scale):
         if temperature <= 0 and top_k != 1:
             raise ValueError(f"temperature must be > 0 when sampling (top_k != 1), got {temperature}")
         if top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-        if spatial_cfg is not None and known is None:
-            raise ValueError("spatial_cfg needs known tokens (the low-resolution context)")
+        for name, pair in (("cfg_scale", cfg_scale), ("spatial_cfg_scale", spatial_cfg_scale)):
+            if pair is not None and (len(pair) != 2 or not all(isinstance(s, (int, float)) for s in pair)):
+                raise ValueError(f"{name} must be a (start, end) pair of numbers, got {pair!r}")
 
-        # Canvas of known tokens and the generation order: known positions first (SPEC §6).
+    def _known_canvas(self, known, B, N):
+        """known (positions [B, K], tokens [B, K]) -> positions, canvas [B, N] (raster), is_known [B, N]."""
+        dev = self.rope.device
         canvas = torch.zeros(B, N, dtype=torch.long, device=dev)
         is_known = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        positions = torch.zeros(B, 0, dtype=torch.long, device=dev)
-        if known is not None:
-            positions, tokens = (torch.as_tensor(t, device=dev).long() for t in known)
-            if positions.shape != tokens.shape or positions.dim() != 2 or positions.size(0) != B:
-                raise ValueError(f"known must be (positions [B={B}, K], tokens [B, K]), got shapes "
-                                 f"{tuple(positions.shape)} and {tuple(tokens.shape)}")
-            if positions.numel() and (positions.min() < 0 or positions.max() >= N
-                                      or tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-                raise ValueError(f"known positions must lie in [0, {N}) and tokens in [0, {self.config.vocab_size})")
-            canvas.scatter_(1, positions, tokens)
-            is_known.scatter_(1, positions, True)
-            if (is_known.sum(1) != positions.size(1)).any():
-                raise ValueError("known positions must not repeat within a row")
-        K = positions.size(1)
-        if isinstance(order, str):
-            # known positions first as given, then the unknown ones in the requested order
-            base = self.make_order(order, B, generator)
-            unknown_first = base.gather(1, is_known.gather(1, base).long().argsort(dim=1, stable=True))
-            order = torch.cat([positions, unknown_first[:, :N - K]], dim=1)
-        else:
-            order = self.make_order(order, B)
+        if known is None:
+            return torch.zeros(B, 0, dtype=torch.long, device=dev), canvas, is_known
+        positions, tokens = as_index_tensor(known[0], "known positions", dev), as_index_tensor(known[1], "known tokens", dev)
+        if positions.shape != tokens.shape or positions.dim() != 2 or positions.size(0) != B:
+            raise ValueError(f"known must be (positions [B={B}, K], tokens [B, K]), got shapes "
+                             f"{tuple(positions.shape)} and {tuple(tokens.shape)}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= N
+                                  or tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"known positions must lie in [0, {N}) and tokens in [0, {self.config.vocab_size})")
+        canvas.scatter_(1, positions, tokens)
+        is_known.scatter_(1, positions, True)
+        if (is_known.sum(1) != positions.size(1)).any():
+            raise ValueError("known positions must not repeat within a row")
+        return positions, canvas, is_known
+
+    def _generation_order(self, order, positions, is_known, N, generator):
+        """Known positions first, as given (paper §4.4), then the unknown ones in the requested order."""
+        B, K = positions.shape
+        if not isinstance(order, str):
+            order = self.make_order(order, B, N)
             if not is_known.gather(1, order[:, :K]).all():
                 raise ValueError("an explicit order must list the known positions first")
-        if K == N:
-            return canvas
-        generated = canvas.gather(1, order)  # [B, N] in generation order; first K are known
+            return order
+        base = self.make_order(order, B, N, generator)
+        unknown_first = base.gather(1, is_known.gather(1, base).long().argsort(dim=1, stable=True))
+        return torch.cat([positions, unknown_first[:, :N - K]], dim=1)
 
-        # Guidance by batch stacking, all row groups in the same order with the same sampled tokens:
-        # [cond] ; CFG: [cond; uncond] ; spatial CFG (SPEC §7): [cond; uncond; uncond, half the context dropped]
+    def _guidance_rows(self, labels, prefix, cfg_scale, spatial_cfg_scale, generator):
+        """Row groups stacked along the batch, all decoded in the same order with the same tokens:
+        [cond], CFG [cond; uncond], or spatial CFG [cond; uncond; uncond with half the context's
+        token embeddings zeroed: exactly floor(K/2) per sample, drawn by a permutation] (the reference).
+        Returns (labels [G*B], known-token embedding multipliers [G*B, K] or None, G)."""
         null = torch.full_like(labels, self.config.num_classes)
-        groups = 3 if spatial_cfg is not None else 2 if tuple(cfg) != (1.0, 1.0) else 1
-        rows_labels = torch.cat([labels, null, null][:groups])
-        prefix = generated[:, :K]
-        rows_prefix = [prefix, prefix][:groups]
-        if groups == 3:  # "zeroed": half of the context tokens replaced by token 0
-            rows_prefix.append(prefix.masked_fill(torch.rand(prefix.shape, device=dev, generator=generator) < 0.5, 0))
-        rows_prefix = torch.cat(rows_prefix)
-        rows_order = order.repeat(groups, 1)
+        if cfg_scale[-1] <= 1:
+            return labels, None, 1
+        if spatial_cfg_scale is None or spatial_cfg_scale[-1] <= 1:
+            return torch.cat([labels, null]), None, 2
+        B, K = prefix.shape
+        dropped = torch.rand(B, K, device=prefix.device, generator=generator).argsort(dim=1)[:, :K // 2]
+        weak = torch.ones(B, K, device=prefix.device).scatter_(1, dropped, 0.0)
+        return torch.cat([labels, null, null]), torch.cat([torch.ones(2 * B, K, device=prefix.device), weak]), 3
 
-        def guide(logits, done):  # scales follow a linear schedule over the filled fraction of the canvas
-            if groups == 1:
-                return logits
-            s = cfg[0] + (cfg[1] - cfg[0]) * done / N
-            if groups == 2:
-                cond, uncond = logits.chunk(2)
-                return uncond + s * (cond - uncond)
-            cond, uncond, weak = logits.chunk(3)
-            s_sp = spatial_cfg[0] + (spatial_cfg[1] - spatial_cfg[0]) * done / N
-            return weak + s * (cond - uncond) + s_sp * (uncond - weak)
-
-        schedule = decoding_schedule(N - K, steps)
-        self.kv_caches = [KVCache(1 + 2 * N) for _ in self.layers]  # one allocation per call
-        logits = self.prefill(rows_labels, rows_order, rows_prefix, schedule[0])
+    def _decode(self, rope, order, generated, schedule, rows, cfg_scale, spatial_cfg_scale, sampling, callback,
+                compile):
+        """The decoding loop (docs/algorithm.md §4): prefill, then sample / feed until every token is drawn."""
+        row_labels, keep, groups = rows
+        B, N = generated.shape
+        K = N - sum(schedule)
+        dtype = torch.get_autocast_dtype(rope.device.type) if torch.is_autocast_enabled(rope.device.type) \
+            else self.output.weight.dtype
+        # 1 + 2N training slots, plus one trash slot for padded items (compile), rounded up to 8
+        self.setup_caches(groups * B, (2 * N + 2 + 7) // 8 * 8, dtype, rope.device)
+        plan = feed_plan(schedule, K, 2 * N + 1 if compile else None, rope.device)
+        step_fn = self.decode_step
+        if compile:
+            if self.compiled_step is None:
+                mode = "reduce-overhead" if rope.device.type == "cuda" else None
+                self.compiled_step = torch.compile(self.decode_step, mode=mode, dynamic=False)
+            step_fn = self.compiled_step
+        rows_order, rows_generated = order.repeat(groups, 1), generated.repeat(groups, 1)  # [G*B, N]
+        logits = self.prefill(rope, row_labels, rows_order, rows_generated[:, :K], schedule[0], keep)
         done = K
         for step, n in enumerate(schedule):
-            logits = guide(logits, done)
-            new = sample(logits, temperature, top_k, top_p, generator)  # [B, n], one call
+            frac = done / N  # guidance scales are linear in the filled fraction of the canvas
+            scale = cfg_scale[0] + (cfg_scale[1] - cfg_scale[0]) * frac
+            spatial = 0.0 if groups < 3 else spatial_cfg_scale[0] + (spatial_cfg_scale[1] - spatial_cfg_scale[0]) * frac
+            logits = guided_logits(logits[:, :n], groups, scale, spatial)  # padded queries dropped
+            new = sample(logits, *sampling)  # [B, n], all queries in one call
             if callback is not None:
                 callback(step, logits, new)
             generated[:, done:done + n] = new
+            rows_generated[:, done:done + n] = new.repeat(groups, 1)
             if step + 1 == len(schedule):
                 break  # the last step's tokens are never fed
-            logits = self.decode_step(rows_order, done, new.repeat(groups, 1), schedule[step + 1])
+            logits = step_fn(rope, rows_order, rows_generated, *plan[step])
+            if compile:
+                logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
             done += n
-        return torch.empty_like(generated).scatter_(1, order, generated)  # back to raster layout
+        return generated
+
+
+# ----------------------------------------------------------------------------------------------
+# Files. Every checkpoint is read through load_torch_file (weights_only: no pickled code ever runs),
+# so a truncated, foreign or hostile file is one clear error that names it.
+
+def load_torch_file(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = "refused: it contains code or objects" if "Weights only load failed" in str(e) else "not a checkpoint"
+        raise ValueError(f"{path} is not a {what} ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"{path} is not a {what} (truncated or not a torch file: {str(e).splitlines()[0][:80]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a {what} (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+# Released checkpoints: the official `.safetensors` state dict + its YAML config, read without extra
+# dependencies (safetensors: 8-byte little-endian header length, JSON header, raw little-endian data).
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file; a malformed file is a ValueError naming it."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        tensors, base = {}, 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            numel = math.prod(info["shape"])
+            if end - start != numel * dtype.itemsize or base + end > len(data):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start) if numel else \
+                torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid .safetensors file ({e})") from None
+    return tensors
+
+
+def read_official_yaml(path):
+    """The flat `key: value` lines under `ar_model:` / `params:` of a RandAR YAML config -> dict."""
+    params, in_model, params_depth = {}, False, None  # params_depth: indentation inside the params block
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        key, sep, value = (part.strip() for part in line.strip().partition(":"))
+        if not sep:
+            raise ValueError(f"{path}:{lineno}: expected 'key: value', got {raw.strip()!r}")
+        if depth == 0:
+            in_model, params_depth = key == "ar_model", None
+        elif in_model and key == "params" and not value:
+            params_depth = 0  # the next deeper line fixes the block's indentation
+        elif params_depth is not None and depth > 0:
+            params_depth = params_depth or depth
+            if depth < params_depth:  # a sibling of params: the block is over
+                params_depth = None
+            elif depth > params_depth or not value:
+                raise ValueError(f"{path}:{lineno}: nested value under ar_model.params ({key!r}) is not supported")
+            else:
+                params[key] = yaml_scalar(value)
+    if not params:
+        raise ValueError(f"{path} has no ar_model.params block of 'key: value' lines")
+    return params
+
+
+def yaml_scalar(text):
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    if text in ("None", "null", "~"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text[:1] in "[{&*!|>":
+        raise ValueError(f"unsupported YAML value {text!r} (only plain scalars are read)")
+    return text.strip("'\"")
+
+
+def load_model(path, config=None, preset=None):
+    """RandAR from train.py's checkpoint (config inside) or an official .safetensors state dict (config
+    from the YAML `config` or a preset name) -> (model, the checkpoint's other small entries).
+    Strict load: the parameter names are the reference's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        if config is None and preset is None:
+            raise ValueError(f"{path} carries no config: pass its YAML (--config) or a preset (--preset)")
+        cfg = RandARConfig.from_dict(read_official_yaml(config)) if config else PRESETS[preset]
+        state, extras = read_safetensors(path), {}
+    else:
+        ckpt = load_torch_file(path, "RandAR checkpoint")
+        if not isinstance(ckpt.get("config"), dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
+            what = "a tokenizer checkpoint" if "encoder.conv_in.weight" in ckpt.get("model", {}) else "another file"
+            raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
+                             f"(or an official .safetensors)")
+        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt["model"]
+        extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
+    model = RandAR(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the config ({str(e).splitlines()[1].strip()})") from None
+    return model.eval(), extras

@@ -1,17 +1,21 @@
-"""Sample from a trained RandAR: any order, parallel decoding, zero-shot editing, a speed benchmark.
+"""Sample from a trained RandAR: any order, parallel decoding, zero-shot editing, animations, a benchmark.
 
-    python sample.py                                    # grid from runs/demo/last.pt, one row per class
-    python sample.py --steps 24 --cfg 1,3               # parallel decoding: 24 steps instead of 64
-    python sample.py --compare                          # raster vs random vs parallel, one figure
-    python sample.py --inpaint img.png --mask 8,8,24,24 --edit-class 3
-    python sample.py --outpaint img.png --sides right --extend 8
-    python sample.py --bench                            # ms/image: uncached, cached, parallel
-    python sample.py --bench --preset L --device cuda   # the paper's size, random weights
+    python sample.py                                   # grid from runs/demo/last.pt, one row per class
+    python sample.py grid --steps 22 --cfg 1,3         # parallel decoding: 22 steps instead of 64
+    python sample.py compare                           # raster vs random vs parallel, one figure
+    python sample.py animate --class 7                 # GIF: raster / random / parallel decoding, step by step
+    python sample.py inpaint img.png --mask 8,8,24,24 --edit-class 3
+    python sample.py outpaint img.png --sides right --extend 8 --edit-class 9
+    python sample.py extrapolate --factor 2            # 2x larger token grid, zero-shot
+    python sample.py bench --compile                   # ms/image: uncached, cached, parallel, compiled
+    torchrun --nproc_per_node=8 sample.py grid --ckpt randar_0.7b.safetensors --preset XL \
+        --vq-ckpt vq_ds16_c2i.pt --num 50 --cfg 1,4 --steps 88 --out-npz samples.npz   # 50k images for FID
 
 Everything generated goes through one function, RandAR.generate (randar.py): the order, the number
-of steps and the known tokens (editing, SPEC §6) are its arguments.
+of steps and the known tokens (editing, paper §4.4) are its arguments.
 """
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -20,50 +24,50 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import tokenizer as tok
-from randar import PRESETS, KVCache, RandAR, RandARConfig
+from randar import PRESETS, RandAR, decoding_schedule, feed_plan, load_model
 
 
-def load_run(ckpt_path, device):
-    """RandAR and its tokenizer, rebuilt from the configs stored in train.py's checkpoint."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (run `python train.py` first)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a RandAR checkpoint written by train.py")
-    model = RandAR(RandARConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"], strict=True)
-    vq_path = ckpt.get("tokenizer", "")
-    if not os.path.isfile(vq_path):  # the run folder was moved: look beside the checkpoint
-        vq_path = os.path.join(os.path.dirname(ckpt_path), "tokenizer.pt")
-    vq = tok.load_tokenizer(vq_path, device)
+def load_run(args):
+    """RandAR (train.py checkpoint, or official .safetensors + --config/--preset) and its tokenizer."""
+    model, extras = load_model(args.ckpt, args.config, args.preset)
+    vq_path = args.vq_ckpt or os.path.join(os.path.dirname(args.ckpt), "tokenizer.pt")
+    if args.vq_ckpt is None and not os.path.isfile(vq_path):  # the run's tokenizer, wherever train.py found it
+        vq_path = extras.get("tokenizer", vq_path)
+    vq = tok.load_tokenizer(vq_path, args.device)
     if vq.config.codebook_size != model.config.vocab_size:
         raise ValueError(f"tokenizer {vq_path} has {vq.config.codebook_size} codes but the model "
                          f"{model.config.vocab_size}")
-    return model.to(device).eval(), vq
+    return model.to(args.device).eval(), vq
 
 
 def decode_images(vq, tokens, grid):
     return tok.to_uint8(vq.decode(tokens.view(-1, grid, grid)).float()).cpu()  # (B, C, H, W)
 
 
-def generate_batched(model, vq, labels, args, known=None, desc="sampling", **extra):
-    """Tokens and images for every label, in batches of --batch-size, reproducible from --seed."""
-    g = torch.Generator(labels.device).manual_seed(args.seed)
+def sampling_kwargs(args, **overrides):
+    kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None), cfg_scale=args.cfg,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile=args.compile)
+    return {**kw, **overrides}
+
+
+def generate_batched(model, vq, labels, args, known=None, desc="sampling", first_chunk=0, **kw):
+    """Tokens and images for every label in chunks of --batch-size. Chunk c draws from its own generator
+    seeded (--seed, c): the images do not depend on how chunks are spread over processes."""
     tokens = []
-    for i in tqdm(range(0, len(labels), args.batch_size), desc=desc):
+    for i in tqdm(range(0, len(labels), args.batch_size), desc=desc, disable=args.rank != 0):
         sl = slice(i, i + args.batch_size)
-        part_known = None if known is None else (known[0][sl], known[1][sl])
+        g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + first_chunk + i // args.batch_size)
         with args.ctx:
-            tokens.append(model.generate(labels[sl], order=args.order, steps=args.steps, cfg=args.cfg,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         known=part_known, generator=g, **extra))
+            tokens.append(model.generate(labels[sl], known=None if known is None else (known[0][sl], known[1][sl]),
+                                         generator=g, **{**sampling_kwargs(args), **kw}))
     tokens = torch.cat(tokens)
-    return tokens, decode_images(vq, tokens, extra.get("grid") or model.config.grid)
+    return tokens, decode_images(vq, tokens, kw.get("grid") or model.config.grid)
 
 
 def save_figure(image, path):
@@ -71,21 +75,126 @@ def save_figure(image, path):
     print(f"wrote {path}")
 
 
+def check_classes(classes, model):
+    classes = classes or list(range(model.config.num_classes))
+    bad = [c for c in classes if not 0 <= c < model.config.num_classes]
+    if bad:
+        raise ValueError(f"class {bad[0]} is outside the model's range 0..{model.config.num_classes - 1}")
+    return classes
+
+
 # ----------------------------------------------------------------------------------------------
-# Zero-shot editing (SPEC §6): known tokens are a teacher-forced prefix.
+# grid / npz: the FID protocol's sampler. Under torchrun every rank takes every world-th chunk.
+
+def grid(model, vq, args):
+    labels = torch.tensor(check_classes(args.classes, model)).repeat_interleave(args.num)
+    chunks = range(args.rank, -(-len(labels) // args.batch_size), args.world)
+    parts = []
+    for c in chunks:
+        sl = slice(c * args.batch_size, (c + 1) * args.batch_size)
+        parts.append(generate_batched(model, vq, labels[sl].to(args.device), args, first_chunk=c,
+                                      desc=f"chunk {c + 1}")[1])
+    images = gather_in_chunk_order(parts, chunks, args)
+    if args.rank != 0:
+        return
+    if args.out_npz:  # the ADM evaluator's layout: uint8 NHWC images, labels beside them
+        tok.save_atomic_npz(args.out_npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
+        print(f"wrote {len(images)} images to {args.out_npz}")
+    if args.out or not args.out_npz:
+        save_figure(tok.image_grid(images, nrow=args.num, scale=args.scale), args.out or default_out(args))
+
+
+def gather_in_chunk_order(parts, chunks, args):
+    """Rank 0 gets every chunk's images, ordered by chunk index (the same for any number of ranks)."""
+    mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    if args.world == 1:
+        return mine
+    everyone = [None] * args.world
+    dist.all_gather_object(everyone, (list(chunks), [p.numpy() for p in parts]))
+    by_chunk = {c: torch.from_numpy(p) for cs, ps in everyone for c, p in zip(cs, ps)}
+    return torch.cat([by_chunk[c] for c in sorted(by_chunk)])
+
+
+def default_out(args, ext="png"):
+    folder = os.path.dirname(args.ckpt)
+    return os.path.join(folder, f"{args.command}.{ext}" if args.command != "grid" else f"sample.{ext}")
+
+
+def compare(model, vq, args):
+    """One row per decoding: raster, random, then parallel with fewer and fewer steps."""
+    labels, N = torch.tensor(check_classes(args.classes, model), device=args.device), model.config.block_size
+    names, images = [], []
+    for name, order, steps in [("raster", "raster", N), ("random", "random", N)] + \
+            [(f"{s} steps", "random", s) for s in (N // 2, round(N * 88 / 256), N // 4, N // 8)]:
+        images.append(generate_batched(model, vq, labels, args, desc=name, order=order, steps=steps)[1])
+        names.append(name)
+    save_figure(tok.image_grid(torch.cat(images), nrow=len(labels), row_labels=names, label_width=56,
+                               scale=args.scale), args.out or default_out(args))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding, animated: one GIF frame per step, undecoded tokens grey (paper Fig. 1 in motion).
+
+def animate(model, vq, args):
+    N, grid_size, down = model.config.block_size, model.config.grid, vq.config.downsample
+    label = torch.tensor(check_classes([args.class_], model), device=args.device)
+    movies = []
+    for name, kind, steps in [("raster", "raster", N), ("random", "random", N),
+                              ("parallel", "random", round(N * 88 / 256)), ("parallel", "random", N // 4)]:
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        order = model.make_order(kind, 1, N, g)  # drawn here, so every frame knows which positions are filled
+        counts = []
+        with args.ctx:
+            tokens = model.generate(label, generator=g, callback=lambda s, logits, new: counts.append(new.size(1)),
+                                    **sampling_kwargs(args, order=order, steps=steps))
+        movie, filled = [], torch.zeros(N, dtype=torch.bool, device=args.device)
+        for done in itertools.accumulate(counts):
+            filled[order[0, :done]] = True
+            image = decode_images(vq, tokens * filled, grid_size)[0]  # undecoded tokens as code 0 ...
+            mask = filled.view(grid_size, grid_size).repeat_interleave(down, 0).repeat_interleave(down, 1).cpu()
+            movie.append(torch.where(mask, image, torch.full_like(image, 128)))  # ... then painted grey
+        movies.append((f"{name} {len(counts)} steps", movie))
+    write_gif(movies, args.out or default_out(args, "gif"), args.scale)
+
+
+def write_gif(movies, path, scale):
+    length = max(len(m) for _, m in movies)
+    frames = []
+    for t in range(length):
+        row = torch.cat([m[min(t, len(m) - 1)] for _, m in movies], dim=2)  # panels side by side
+        im = Image.fromarray(row.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        labelled = Image.new("RGB", (im.width, im.height + 14), (255, 255, 255))
+        labelled.paste(im, (0, 14))
+        draw, width = ImageDraw.Draw(labelled), im.width // len(movies)
+        for i, (name, _) in enumerate(movies):
+            draw.text((i * width + 3, 1), name, fill=(0, 0, 0))
+        frames.append(labelled)
+    tmp = tok.temp_path(path)
+    try:
+        durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {path} ({len(frames)} frames)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot editing (paper §4.4): known tokens are a teacher-forced prefix.
 
 def load_image(path, size, channels):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input image not found: {path}")
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input image not found: {path}") from None
     except Exception as e:
         raise ValueError(f"cannot read input image {path}: {e}") from None
     if im.size != (size, size):
         raise ValueError(f"input image {path} is {im.size[0]}x{im.size[1]}; the model works at {size}x{size}")
-    arr = np.asarray(im)
-    return torch.from_numpy(arr.reshape(size, size, channels).copy()).permute(2, 0, 1)  # (C, H, W) uint8
+    return torch.from_numpy(np.asarray(im).reshape(size, size, channels).copy()).permute(2, 0, 1)  # (C, H, W)
 
 
 def load_mask(spec, size):
@@ -107,26 +216,18 @@ def load_mask(spec, size):
 
 
 def edit(model, vq, args):
-    """Inpainting or outpainting: input | mask | several results, one PNG."""
-    grid, down = model.config.grid, vq.config.downsample
-    size = grid * down
-    if args.edit_class is None:
-        raise ValueError("editing needs --edit-class C: the class to generate the new region as")
-    image = load_image(args.inpaint or args.outpaint, size, vq.config.in_channels)
-    if args.inpaint:
-        if args.mask is None:
-            raise ValueError("--inpaint needs --mask (a mask image or a box x0,y0,x1,y1)")
-        mask = load_mask(args.mask, size)
-        canvas = image
+    """Inpainting or outpainting: input | mask | masked input | several results, one PNG."""
+    grid_size, down = model.config.grid, vq.config.downsample
+    size = grid_size * down
+    image = load_image(args.image, size, vq.config.in_channels)
+    if args.command == "inpaint":
+        mask, canvas = load_mask(args.mask, size), image
     else:  # outpaint: shift the kept part away from the new sides, generate the exposed strip
         e = args.extend
-        if e <= 0 or e % down or e >= size:
+        if e % down or e >= size:
             raise ValueError(f"--extend must be a positive multiple of {down} below {size}, got {e}")
-        sides = args.sides.split(",")
-        if any(s not in ("left", "right", "top", "bottom") for s in sides):
-            raise ValueError(f"--sides must be a comma list of left,right,top,bottom, got {args.sides!r}")
-        shift_x = e * (("left" in sides) - ("right" in sides))  # new pixels on the right: content moves left
-        shift_y = e * (("top" in sides) - ("bottom" in sides))
+        shift_x = e * (("left" in args.sides) - ("right" in args.sides))  # new pixels on the right: content moves left
+        shift_y = e * (("top" in args.sides) - ("bottom" in args.sides))
         mask = torch.ones(size, size, dtype=torch.bool)  # everything is new but the shifted image
         mask[max(shift_y, 0):size + min(shift_y, 0), max(shift_x, 0):size + min(shift_x, 0)] = False
         canvas = torch.roll(image, (shift_y, shift_x), dims=(1, 2)).masked_fill(mask, 0)
@@ -140,33 +241,32 @@ def edit(model, vq, args):
     labels = torch.full((n,), check_classes([args.edit_class], model)[0], device=args.device)
     known = (positions.expand(n, -1), tokens[positions].expand(n, -1))
     tokens, results = generate_batched(model, vq, labels, args, known=known, desc="editing")
-    shown_mask = (mask[None].expand_as(image).to(torch.uint8) * 255)
+    shown_mask = mask[None].expand_as(image).to(torch.uint8) * 255
     masked_input = torch.where(mask, torch.full_like(canvas, 128), canvas)
-    figure = tok.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3)
-    save_figure(figure, args.out)
+    figure = tok.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3,
+                            scale=args.scale)
+    save_figure(figure, args.out or default_out(args))
     return tokens, known
 
 
-def extrapolate(model, vq, labels, args):
-    """Zero-shot resolution extrapolation (SPEC §7): a factor-times larger token grid.
+def extrapolate(model, vq, args):
+    """Zero-shot resolution extrapolation (paper §4.5): a factor-times larger token grid.
 
-    First an ordinary sample at the training grid g; its tokens become the known tokens at
-    positions (f*r, f*c) of the G = f*g grid; the rest is generated in random order with the
-    NTK-mixed RoPE table and spatial CFG. Figure: base (upscaled) next to its extrapolation.
+    First an ordinary sample at the training grid g (in --order, --steps); its tokens become the
+    known tokens at positions (f*r, f*c) of the G = f*g grid; the rest is generated in random order
+    with the NTK-mixed RoPE table and spatial CFG. Figure: base (upscaled) next to its extrapolation.
     """
-    f, g = args.extrapolate, model.config.grid
-    if f < 2:
-        raise ValueError(f"--extrapolate must be an integer >= 2, got {f}")
+    f, g = args.factor, model.config.grid
+    labels = torch.tensor(check_classes(args.classes, model), device=args.device).repeat_interleave(args.num)
     base, base_images = generate_batched(model, vq, labels, args, desc="base")
     G = f * g
-    positions = ((torch.arange(g) * f * G)[:, None] + torch.arange(g) * f).flatten().to(labels.device)
-    known = (positions.expand(len(labels), -1), base)
-    args.order, args.steps = "random", args.extrapolate_steps
-    _, big = generate_batched(model, vq, labels, args, known=known, desc="extrapolate", grid=G,
-                              spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
+    positions = ((torch.arange(g) * f * G)[:, None] + torch.arange(g) * f).flatten().to(args.device)
+    _, big = generate_batched(model, vq, labels, args, known=(positions.expand(len(labels), -1), base),
+                              desc="extrapolate", grid=G, order="random", steps=args.extrapolate_steps,
+                              spatial_cfg_scale=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
-    save_figure(tok.image_grid(pairs, nrow=2 * args.num), args.out)
+    save_figure(tok.image_grid(pairs, nrow=2 * args.num, scale=args.scale), args.out or default_out(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,149 +276,217 @@ def extrapolate(model, vq, labels, args):
 def uncached_generate(model, labels):
     """One token per step, recomputing the whole sequence every step (the slow baseline)."""
     B, N = labels.size(0), model.config.block_size
-    order = model.make_order("random", B)
+    order = model.make_order("random", B, N)
     generated = torch.zeros(B, N, dtype=torch.long, device=labels.device)
+    model.setup_caches(B, 2 * N + 8, model.output.weight.dtype, labels.device)
     for k in range(N):
-        model.kv_caches = [KVCache(1 + 2 * N) for _ in model.layers]
-        logits = model.prefill(labels, order, generated[:, :k], 1)
-        generated[:, k] = logits[:, 0].argmax(-1)
+        generated[:, k] = model.prefill(model.rope, labels, order, generated[:, :k], 1)[:, 0].argmax(-1)
     return generated
+
+
+def machine_limits(device, sync):
+    """Measured matmul rate (FLOP/s) and copy bandwidth (bytes/s): the roofline's two slopes."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    big = torch.empty(64 << 20 if device.type == "cpu" else 512 << 20, dtype=torch.uint8, device=device)
+    rates = []
+    for fn, work in ((lambda: a @ a, 2 * n ** 3), (lambda: big.clone(), 2 * big.numel())):
+        fn()
+        runs = []
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            runs.append(time.perf_counter() - t)
+        rates.append(work / statistics.median(runs))
+    return rates
+
+
+def step_floor_ms(model, rows, steps, flops_s, bytes_s):
+    """Lower bound on one decode step: its FLOPs at the matmul rate, or reading weights + cache at the copy rate."""
+    cfg, N = model.config, model.config.block_size
+    fed_per_step = 2 * N / steps  # every token is fed about twice (PI + image)
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
+    flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (2 * N + 2) * cfg.dim)
+    byte_count = 4 * weights + rows * cfg.n_layer * 2 * (2 * N + 2) * cfg.dim * 4
+    return 1000 * max(flops / flops_s, byte_count / bytes_s)
 
 
 def bench(model, args):
     N = model.config.block_size
-    variants = [("uncached, 1 token/step", lambda l: uncached_generate(model, l)),
-                ("cached raster, 1 token/step", lambda l: model.generate(l, order="raster", steps=N)),
-                ("cached random, 1 token/step", lambda l: model.generate(l, order="random", steps=N))]
-    for s in sorted({N // 2, round(N * 88 / 256), N // 4, N // 8}, reverse=True):
-        variants.append((f"parallel random, {s} steps", lambda l, s=s: model.generate(l, order="random", steps=s)))
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+    flops_s, bytes_s = machine_limits(args.device, sync)
+    kinds = [("uncached, 1 token/step", None, N, False), ("cached raster, 1 token/step", "raster", N, False)]
+    for compiled in [False] + [True] * args.compile:
+        for steps in (N, round(N * 88 / 256), N // 4):
+            name = "1 token/step" if steps == N else f"parallel {steps} steps"
+            kinds.append((f"{'compiled' if compiled else 'eager'} random, {name}", "random", steps, compiled))
     rows = []
     for batch in (1, args.bench_batch):
         labels = torch.arange(batch, device=args.device) % model.config.num_classes
         times = {}
-        for name, fn in variants:
+        for name, order, steps, compiled in kinds:
+            def fn():
+                if order is None:
+                    return uncached_generate(model, labels)
+                return model.generate(labels, order=order, steps=steps, cfg_scale=args.cfg, compile=compiled)
             with args.ctx:
-                fn(labels)  # warm-up, excluded
+                fn()  # warm-up (and compilation), excluded
                 runs = []
                 for _ in range(args.repeats):
                     sync()
                     t = time.perf_counter()
-                    fn(labels)
+                    fn()
                     sync()
                     runs.append(time.perf_counter() - t)
-            times[name] = statistics.median(runs)
-        base = times["cached random, 1 token/step"]
-        for name, t in times.items():
-            rows.append((batch, name, 1000 * t / batch, batch / t, base / t))
-    print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}, "
-          f"median of {args.repeats}")
-    print("| batch | decoding | ms / image | images / s | speed-up vs cached random |")
-    print("|---|---|---|---|---|")
-    for batch, name, ms, ips, speedup in rows:
-        print(f"| {batch} | {name} | {ms:.2f} | {ips:.1f} | {speedup:.2f}x |")
+            groups = 2 if args.cfg[-1] > 1 else 1
+            n_steps = N if order is None else len(decoding_schedule(N, steps))
+            times[name] = (statistics.median(runs), n_steps, step_floor_ms(model, groups * batch, n_steps, flops_s, bytes_s))
+        base = times["eager random, 1 token/step"][0]
+        rows += [(batch, name, t, s, floor, base / t) for name, (t, s, floor) in times.items()]
+    print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}, CFG "
+          f"{args.cfg}, median of {args.repeats}; machine: {flops_s / 1e9:.0f} GFLOP/s matmul, "
+          f"{bytes_s / 1e9:.1f} GB/s copy")
+    print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager random |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, name, t, steps, floor, speedup in rows:
+        print(f"| {batch} | {name} | {1000 * t / batch:.2f} | {batch / t:.1f} | {1000 * t / steps:.3f} | "
+              f"{floor:.3f} | {speedup:.2f}x |")
 
 
 # ----------------------------------------------------------------------------------------------
 
-def check_classes(classes, model):
-    bad = [c for c in classes if not 0 <= c < model.config.num_classes]
-    if bad:
-        raise ValueError(f"class {bad[0]} is outside the model's range 0..{model.config.num_classes - 1}")
-    return classes
+def setup(args):
+    """Device, autocast, and torchrun's rank / world size (grid is the only command that splits work)."""
+    args.rank, args.world = 0, 1
+    if "RANK" in os.environ:
+        if args.command != "grid":
+            raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        args.rank, args.world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    args.device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    args.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.type == "cuda" else nullcontext()
 
 
 def main(args):
-    args.device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    args.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.type == "cuda" else nullcontext()
-    args.out = args.out or os.path.join(os.path.dirname(args.ckpt), "sample.png")
+    setup(args)
     torch.manual_seed(args.seed)
-    if args.bench and args.preset:  # random weights: the paper sizes timed without a checkpoint
-        model = RandAR(PRESETS[args.preset]).to(args.device).eval()
-        return bench(model, args)
-    model, vq = load_run(args.ckpt, args.device)
-    N = model.config.block_size
-    if args.steps is not None and not 1 <= args.steps <= N:
-        raise ValueError(f"--steps must be between 1 and {N} (the number of tokens), got {args.steps}")
-    if args.bench:
-        return bench(model, args)
-    if args.inpaint or args.outpaint:
-        return edit(model, vq, args)
-    classes = check_classes(args.classes or list(range(model.config.num_classes)), model)
-    if args.compare:
-        labels = torch.tensor(classes, device=args.device)
-        names, images = [], []
-        for name, order, steps in [("raster", "raster", N), ("random", "random", N)] + \
-                [(f"{s} steps", "random", s) for s in (N // 2, N // 4, N // 8)]:
-            args.order, args.steps = order, steps
-            images.append(generate_batched(model, vq, labels, args, desc=name)[1])
-            names.append(name)
-        save_figure(tok.image_grid(torch.cat(images), nrow=len(classes), row_labels=names, label_width=56), args.out)
-        return
-    labels = torch.tensor(classes, device=args.device).repeat_interleave(args.num)
-    if args.extrapolate:
-        return extrapolate(model, vq, labels, args)
-    _, images = generate_batched(model, vq, labels, args)
-    save_figure(tok.image_grid(images, nrow=args.num), args.out)
-    if args.out_npz:
-        tmp = args.out_npz + ".tmp.npz"
-        np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.cpu().numpy())
-        os.replace(tmp, args.out_npz)
-        print(f"wrote {args.out_npz}")
+    try:
+        if args.command == "bench" and args.preset and args.ckpt is None:  # the paper sizes, random weights
+            return bench(RandAR(PRESETS[args.preset]).to(args.device).eval(), args)
+        args.ckpt = args.ckpt or "runs/demo/last.pt"
+        model, vq = load_run(args) if args.command != "bench" else (load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None)
+        N = model.config.block_size
+        if getattr(args, "steps", None) is not None and args.steps > N:
+            raise ValueError(f"--steps must be between 1 and {N} (the number of tokens), got {args.steps}")
+        {"grid": grid, "compare": compare, "animate": animate, "inpaint": edit, "outpaint": edit,
+         "extrapolate": extrapolate, "bench": bench}[args.command](*((model, args) if vq is None else (model, vq, args)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- command line: every flag belongs to the commands that use it -------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def number_pair(text):
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be START,END (two numbers), got {text!r}") from None
+    return start, end
+
+
+def class_list(text):
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of class indices, got {text!r}") from None
+
+
+COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", "bench")
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/demo/last.pt")
-    p.add_argument("--order", default="random", choices=["random", "raster"])
-    p.add_argument("--steps", type=int, default=None, help="decoding steps; fewer than N = parallel decoding")
-    p.add_argument("--cfg", default="1,2", help="START,END of the linear CFG schedule")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--classes", default=None, help="comma list (default: all)")
-    p.add_argument("--num", type=int, default=8, help="images per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="PNG to write (default: sample.png beside the checkpoint)")
-    p.add_argument("--out-npz", default=None, help="also write images (uint8 NHWC, arr_0) and labels (arr_1)")
-    p.add_argument("--compare", action="store_true", help="raster vs random vs parallel in one figure")
-    p.add_argument("--inpaint", default=None, help="image to inpaint (needs --mask)")
-    p.add_argument("--mask", default=None, help="mask image (white = regenerate) or box x0,y0,x1,y1")
-    p.add_argument("--outpaint", default=None, help="image to extend")
-    p.add_argument("--sides", default="right", help="comma list of left,right,top,bottom")
-    p.add_argument("--extend", type=int, default=8, help="pixels to generate on each outpainted side")
-    p.add_argument("--edit-class", type=int, default=None, help="class the edited region is generated as")
-    p.add_argument("--extrapolate", type=int, default=None, help="generate at this many times the training grid")
-    p.add_argument("--extrapolate-steps", type=int, default=None, help="steps for the extrapolated tokens")
-    p.add_argument("--spatial-cfg", default="1,2", help="START,END of the spatial CFG schedule (extrapolation)")
-    p.add_argument("--ntk-boundary", type=int, default=2,
-                   help="highest RoPE frequencies that keep raw coordinates when extrapolating (reference: 2)")
-    p.add_argument("--bench", action="store_true", help="print a decoding speed table")
-    p.add_argument("--preset", default=None, choices=PRESETS, help="with --bench: random weights of this size")
-    p.add_argument("--bench-batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        s = sub.add_parser(name)
+        s.add_argument("--ckpt", default=None, help="train.py checkpoint or official .safetensors (default runs/demo/last.pt)")
+        s.add_argument("--config", default=None, help="official YAML config of a .safetensors checkpoint")
+        s.add_argument("--preset", default=None, choices=PRESETS, help="config of a .safetensors checkpoint "
+                       "(bench without --ckpt: random weights of this size)")
+        s.add_argument("--device", default="auto")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
+        s.add_argument("--cfg", type=number_pair, default=(1.0, 2.0), help="START,END of the linear CFG schedule")
+        if name == "bench":
+            s.add_argument("--bench-batch", type=positive_int, default=32)
+            s.add_argument("--repeats", type=positive_int, default=3)
+            continue
+        s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
+        s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")
+        s.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of figures (nearest)")
+        s.add_argument("--temperature", type=float, default=1.0)
+        s.add_argument("--top-k", type=int, default=0)
+        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--batch-size", type=positive_int, default=100, help="images per generate() call")
+        if name in ("grid", "inpaint", "outpaint", "extrapolate"):
+            s.add_argument("--order", default="random", choices=["random", "raster"])
+            s.add_argument("--steps", type=positive_int, default=None, help="decoding steps; fewer than N = parallel")
+            s.add_argument("--num", type=positive_int, default=8, help="images per class (editing: results)")
+        if name in ("grid", "compare", "extrapolate"):
+            s.add_argument("--classes", type=class_list, default=None, help="comma list (default: all)")
+        if name == "grid":
+            s.add_argument("--out-npz", default=None, help="write images (uint8 NHWC, arr_0) and labels (arr_1)")
+        if name == "animate":
+            s.add_argument("--class", dest="class_", type=int, default=0, help="class to decode")
+        if name in ("inpaint", "outpaint"):
+            s.add_argument("image", help="input image at the model's resolution")
+            s.add_argument("--edit-class", type=int, required=True, help="class the new region is generated as")
+        if name == "inpaint":
+            s.add_argument("--mask", required=True, help="mask image (white = regenerate) or box x0,y0,x1,y1")
+        if name == "outpaint":
+            s.add_argument("--sides", default="right", type=lambda t: t.split(","),
+                           help="comma list of left,right,top,bottom")
+            s.add_argument("--extend", type=positive_int, default=8, help="pixels to generate on each new side")
+        if name == "extrapolate":
+            s.add_argument("--factor", type=positive_int, default=2, help="generate at this many times the training grid")
+            s.add_argument("--extrapolate-steps", type=positive_int, default=None, help="steps for the new tokens")
+            s.add_argument("--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
+            s.add_argument("--ntk-boundary", type=int, default=2,
+                           help="highest RoPE frequencies that keep raw coordinates (reference: 2)")
     return p
 
 
 def parse(argv=None):
-    args = get_parser().parse_args(argv)
-    for name in ("cfg", "spatial_cfg"):
-        try:
-            pair = tuple(float(v) for v in getattr(args, name).split(","))
-            assert len(pair) == 2
-        except (ValueError, AssertionError):
-            raise ValueError(f"--{name.replace('_', '-')} must be START,END (two numbers), got "
-                             f"{getattr(args, name)!r}") from None
-        setattr(args, name, pair)
-    args.classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["grid"] + argv  # `python sample.py [flags]` is the grid command
+    p = get_parser()
+    args = p.parse_args(argv)
+    if getattr(args, "sides", None) and any(s not in ("left", "right", "top", "bottom") for s in args.sides):
+        p.error(f"--sides must be a comma list of left,right,top,bottom, got {','.join(args.sides)!r}")
+    if args.command == "extrapolate" and args.factor < 2:
+        p.error(f"--factor must be an integer >= 2, got {args.factor}")
     return args
 
 
 if __name__ == "__main__":
-    try:
+    arguments = parse()
+    if "OMP_NUM_THREADS" not in os.environ:  # respect the thread count torchrun or the user set
         torch.set_num_threads(os.cpu_count() or 1)
-        main(parse())
+    try:
+        main(arguments)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")

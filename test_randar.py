@@ -1,22 +1,40 @@
 """Tests: ours == the reference's numbers, fast paths == slow paths, real commands end to end.
 
     python -m pytest -q test_randar.py
+
+The reference's golden outputs live in fixtures/ (see docs/algorithm.md §9): a clone checks itself.
 """
+import hashlib
+import http.server
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from randar import KVCache, RandAR, RandARConfig, apply_rope, decoding_schedule, filter_logits, sampling_probs
+import eval_fid
+import randar
+import sample
+import tokenizer as tok
+from randar import (RandAR, RandARConfig, apply_rope, decoding_schedule, feed_plan, filter_logits, guided_logits,
+                    rope_table_2d, sampling_probs)
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference_fixtures.pt")
-needs_fixtures = pytest.mark.skipif(not os.path.exists(FIXTURES), reason=f"reference fixtures not found at {FIXTURES}")
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return torch.load(FIXTURES, weights_only=True)
+    return torch.load(os.path.join(FIXTURES, "reference_fixtures.pt"), weights_only=True)
 
 
 def reference_gpt(fx):
@@ -37,56 +55,66 @@ def random_gpt(seed=0, **kw):
     return model.eval()
 
 
+def caches(model):
+    return [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+
+
 # ---- model: reference equivalence ----------------------------------------------------------------
 
-@needs_fixtures
 def test_state_dict_matches_reference(fx):
     model = reference_gpt(fx)
     ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert ours == [list(x) for x in fx["gpt"]["state_dict_keys"]]
 
 
-@needs_fixtures
 def test_training_forward_matches_reference(fx):
     model, case = reference_gpt(fx), fx["gpt"]["train_forward"]
     order = case["token_order"]
     logits, loss = model(case["idx"], case["labels"], order=order)
     assert (logits - case["token_logits"]).abs().max() < 1e-4
     assert abs(loss.item() - case["loss"].item()) < 1e-4
-    # The same rows under the named orders: row 0 of the fixture is raster.
+    # Row 0 of the fixture is in raster order: the named order gives the same logits.
     logits_raster, _ = model(case["idx"][:1], case["labels"][:1], order="raster")
-    assert torch.equal(order[0], torch.arange(16))
     assert (logits_raster - case["token_logits"][:1]).abs().max() < 1e-4
     assert (model.rope - fx["rope"]["freqs_cis_2d"]["table"]).abs().max() < 1e-6
 
 
-@needs_fixtures
+def test_official_safetensors_and_yaml_give_the_reference_logits():
+    """The released format (safetensors + YAML), through the loader sample.py uses."""
+    model, _ = randar.load_model(os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
+                                 config=os.path.join(FIXTURES, "randar_tiny_official.yaml"))
+    expected = torch.load(os.path.join(FIXTURES, "randar_tiny_official_expected.pt"), weights_only=True)
+    logits, _ = model(expected["tokens"], expected["labels"], order=expected["order"])
+    assert (logits - expected["logits"]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["seq_nocfg", "seq_cfg", "par6_nocfg", "par6_cfg"])
-def test_generation_matches_reference(fx, name):
+@pytest.mark.parametrize("compile", [False, "padded"])
+def test_generation_matches_reference(fx, name, compile, monkeypatch):
     model, case = reference_gpt(fx), fx["gpt"]["generate"][name]
-    seen = []
+    if compile:  # the padded static path of generate(compile=True), traced but run eagerly
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    seen, final = [], []
     tokens = model.generate(case["labels"], order=case["token_order"], steps=case["num_inference_steps"],
-                            cfg=tuple(case["cfg_scales"]), top_k=case["top_k"],
-                            callback=lambda step, logits, new: seen.append((logits, new)))
+                            cfg_scale=tuple(case["cfg_scales"]), top_k=case["top_k"], compile=bool(compile),
+                            callback=lambda step, logits, new: (seen.append((logits, new)), final.append(caches(model))))
     assert torch.equal(tokens, case["tokens"])
     assert [new.size(1) for _, new in seen] == case["tokens_per_step"]
     for (logits, new), ref in zip(seen, case["steps"], strict=True):
         assert (logits - ref["sample_logits"]).abs().max() < 1e-4
         assert torch.equal(new, ref["sampled"])
-    for i, cache in enumerate(model.kv_caches):
-        slots = cache.k.size(2)  # the reference pads its cache to a multiple of 8
-        assert (cache.k - case["final_kv_cache"][f"layers.{i}.k_cache"][:, :, :slots]).abs().max() < 1e-4
-        assert (cache.v - case["final_kv_cache"][f"layers.{i}.v_cache"][:, :, :slots]).abs().max() < 1e-4
+    for i, (k, v) in enumerate(final[-1]):  # the last step's tokens are never fed: this is the final cache
+        ref_k, ref_v = case["final_kv_cache"][f"layers.{i}.k_cache"], case["final_kv_cache"][f"layers.{i}.v_cache"]
+        assert (k[:, :, :33] - ref_k[:, :, :33]).abs().max() < 1e-4 and (v[:, :, :33] - ref_v[:, :, :33]).abs().max() < 1e-4
 
 
-@needs_fixtures
 def test_schedules_match_reference(fx):
+    assert len(fx["schedules"]) == 14
     for key, ref in fx["schedules"].items():
         n, steps = map(int, key.split("_"))
         assert decoding_schedule(n, steps) == ref["tokens_per_step"], key
 
 
-@needs_fixtures
 def test_sampling_filters_match_reference(fx):
     s = fx["sampling"]
     for case in s["filter_cases"]:
@@ -94,6 +122,34 @@ def test_sampling_filters_match_reference(fx):
     for case in s["sample_cases"]:
         probs = sampling_probs(s["logits"], case["temperature"], case["top_k"], case["top_p"])
         assert (probs - case["probs"]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("cfg_scale, spatial, groups", [
+    ((1.0, 1.0), None, 1), ((3.0, 1.0), None, 1), ((0.5, 0.5), None, 1), ((2.0, 0.5), None, 1),
+    ((1.0, 1.5), None, 2), ((1.0, 3.0), (1.0, 1.0), 2), ((1.0, 3.0), (3.0, 0.9), 2), ((1.0, 1.0), (1.0, 3.0), 1),
+    ((1.0, 3.0), (1.0, 2.5), 3)])
+def test_guidance_is_applied_iff_the_final_scale_exceeds_one(cfg_scale, spatial, groups):
+    """The reference's rule: CFG iff cfg[-1] > 1; the spatial triple batch iff both final scales > 1."""
+    model = random_gpt(seed=4)
+    labels, positions = torch.tensor([2, 5]), torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]])
+    known = (positions, torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(0)))
+    model.generate(labels, known=known, cfg_scale=cfg_scale, spatial_cfg_scale=spatial, steps=4, top_k=1)
+    assert model.layers[0].attention.kv_cache.k.size(0) == 2 * groups
+
+
+def test_spatial_guidance_zeroes_exactly_half_of_the_context_embeddings():
+    model = random_gpt(seed=6)
+    prefix = torch.randint(0, 32, (3, 7))
+    row_labels, keep, groups = model._guidance_rows(torch.tensor([1, 2, 3]), prefix, (1.0, 3.0), (1.0, 2.5),
+                                                    torch.Generator().manual_seed(0))
+    assert groups == 3 and row_labels.tolist() == [1, 2, 3, 10, 10, 10, 10, 10, 10]
+    assert keep[:6].eq(1).all() and keep[6:].eq(0).sum(1).tolist() == [3, 3, 3]  # floor(7 / 2) per sample
+    assert len({tuple(r) for r in keep[6:].tolist()}) > 1  # drawn per sample
+    # "Zeroed" is the embedding, not token id 0: a dropped context pair differs from feeding token 0.
+    positions = torch.arange(7).expand(1, 7)
+    x_zero, _ = model.pairs(positions, prefix[:1], model.rope, keep=torch.zeros(1, 7))
+    x_tok0, _ = model.pairs(positions, torch.zeros(1, 7, dtype=torch.long), model.rope)
+    assert x_zero[:, 1::2].abs().max() == 0 and x_tok0[:, 1::2].abs().max() > 0
 
 
 # ---- model: fast paths against the slow computation ---------------------------------------------
@@ -118,33 +174,92 @@ def teacher_forced_kv(model, tokens, labels, order):
 
 
 @pytest.mark.parametrize("steps", [16, 11, 6, 3, 1])
-@pytest.mark.parametrize("cfg", [(1.0, 1.0), (1.5, 4.0)])
-def test_cached_decoding_equals_teacher_forcing(steps, cfg):
+@pytest.mark.parametrize("cfg_scale", [(1.0, 1.0), (1.5, 4.0)])
+def test_cached_decoding_equals_teacher_forcing(steps, cfg_scale):
     model = random_gpt(seed=steps)
     g = torch.Generator().manual_seed(1)
     labels = torch.tensor([1, 7, 3])
     order = torch.stack([torch.randperm(16, generator=g) for _ in range(3)])
-    seen = []
-    tokens = model.generate(labels, order=order, steps=steps, cfg=cfg, temperature=1.0, generator=g,
-                            callback=lambda step, logits, new: seen.append(logits))
+    seen, final = [], []
+    tokens = model.generate(labels, order=order, steps=steps, cfg_scale=cfg_scale, temperature=1.0, generator=g,
+                            callback=lambda step, logits, new: (seen.append(logits), final.append(caches(model))))
     cond, _ = model(tokens, labels, order=order)
     uncond, _ = model(tokens, torch.full_like(labels, 10), order=order)
     done = 0
     for logits in seen:
-        scale = cfg[0] + (cfg[1] - cfg[0]) * done / 16
-        slow = uncond + scale * (cond - uncond) if cfg != (1.0, 1.0) else cond
+        scale = cfg_scale[0] + (cfg_scale[1] - cfg_scale[0]) * done / 16
+        slow = uncond + scale * (cond - uncond) if cfg_scale[1] > 1 else cond
         n = logits.size(1)
         if n == 1 or steps == 16:
             assert (logits - slow[:, done:done + n]).abs().max() < 1e-4
-        else:  # later queries of a parallel step see PI tokens, not image tokens (SPEC §4-5): only the first matches
+        else:  # later queries of a parallel step see PI tokens, not image tokens (paper §3.3): only the first matches
             assert (logits[:, 0] - slow[:, done]).abs().max() < 1e-4
         done += n
     assert done == 16 and len(seen) == len(decoding_schedule(16, steps))
     # The final cache holds the training layout up to the last step's first query slot.
-    last_first_query_slot = 2 * (16 - logits.size(1)) + 1
-    for cache, (k, v) in zip(model.kv_caches, teacher_forced_kv(model, tokens, labels, order)):
-        assert (cache.k[:3, :, :last_first_query_slot + 1] - k[:, :, :last_first_query_slot + 1]).abs().max() < 1e-4
-        assert (cache.v[:3, :, :last_first_query_slot + 1] - v[:, :, :last_first_query_slot + 1]).abs().max() < 1e-4
+    end = 2 * (16 - seen[-1].size(1)) + 2
+    for (ck, cv), (k, v) in zip(final[-1], teacher_forced_kv(model, tokens, labels, order)):
+        assert (ck[:3, :, :end] - k[:, :, :end]).abs().max() < 1e-4 and (cv[:3, :, :end] - v[:, :, :end]).abs().max() < 1e-4
+
+
+def generate_both_ways(model, monkeypatch, **kw):
+    """generate() eagerly with exact shapes, then through the padded static path of compile=True."""
+    runs = []
+    for compiled in (False, True):
+        seen = []
+        with monkeypatch.context() as m:
+            if compiled:
+                m.setattr(torch, "compile", lambda fn, **kw: fn)
+            out = model.generate(**kw, compile=compiled, generator=torch.Generator().manual_seed(3),
+                                 callback=lambda s, logits, new: seen.append(logits))
+        runs.append((out, seen))
+    return runs
+
+
+@pytest.mark.parametrize("kw", [dict(steps=None), dict(steps=5), dict(steps=3, cfg_scale=(1.0, 3.0)),
+                                dict(steps=4, known=True), dict(steps=7, grid=8, known=True, spatial_cfg_scale=(1.0, 2.0))])
+def test_static_padded_path_equals_eager(kw, monkeypatch):
+    model = random_gpt(seed=8)
+    kw = {"labels": torch.tensor([3, 6]), **kw}
+    if kw.get("known"):
+        positions = torch.tensor([[0, 2, 8, 10], [5, 6, 9, 12]]) * (2 if kw.get("grid") else 1)
+        kw["known"] = (positions, torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(1)))
+    (a, la), (b, lb) = generate_both_ways(model, monkeypatch, **kw)
+    assert torch.equal(a, b) and len(la) == len(lb)
+    assert all((x - y).abs().max() <= 1e-5 for x, y in zip(la, lb))
+
+
+def test_torch_compile_gives_the_eager_tokens():
+    """The real thing once (inductor on CPU): same generator, same tokens as eager."""
+    model = random_gpt(seed=9)
+    labels = torch.tensor([1, 2])
+    eager = model.generate(labels, steps=6, generator=torch.Generator().manual_seed(0))
+    compiled = model.generate(labels, steps=6, generator=torch.Generator().manual_seed(0), compile=True)
+    assert torch.equal(eager, compiled)
+
+
+def test_decode_step_has_no_host_synchronisation():
+    """The static step must run on tensors alone: trace it on the meta device, where any .item(),
+    int(tensor) or data-dependent shape would raise."""
+    model = random_gpt(seed=2).to("meta")
+    schedule = decoding_schedule(16, 5)
+    model.setup_caches(2, 40, torch.float32, "meta")
+    plan = feed_plan(schedule, 0, 33, "meta")
+    order, generated = torch.empty(2, 16, dtype=torch.long, device="meta"), torch.empty(2, 16, dtype=torch.long, device="meta")
+    for step in plan:
+        logits = model.decode_step(model.rope, order, generated, *step)
+        assert logits.shape == (2, max(schedule[1:]), 32)
+
+
+def test_feed_plan_rewrites_queries_at_their_training_slots():
+    (gen, is_pi, slots, queries), = feed_plan([3, 2], known=4)
+    # 3 tokens sampled at generation indices 4, 5, 6; then 2 queries (7, 8)
+    assert gen.tolist() == [4, 5, 5, 6, 6, 7, 8]
+    assert is_pi.tolist() == [False, True, False, True, False, True, True]
+    assert slots.tolist() == [10, 11, 12, 13, 14, 15, 16] and queries.tolist() == [5, 6]
+    padded = feed_plan([1, 3, 1, 1], known=0, trash_slot=99)
+    assert {tuple(p[0].shape) for p in padded} == {(6,)} and {tuple(p[3].shape) for p in padded} == {(3,)}
+    assert padded[0][2].tolist()[-2:] == [99, 99] and padded[2][3].tolist() == [1, 0, 0]  # padding: trash slot, query 0
 
 
 @pytest.mark.parametrize("order", ["random", "raster"])
@@ -159,29 +274,32 @@ def test_known_prefix(order):
                             callback=lambda step, logits, new: seen.append((logits, new)))
     assert torch.equal(tokens.gather(1, positions), known_tokens)
     assert sum(new.size(1) for _, new in seen) == 10
-    # Raster order for the rest: every step equals the teacher-forced forward over that order.
+    # Every step equals the teacher-forced forward over the order actually used.
     rest = torch.stack([torch.tensor([p for p in range(16) if p not in row]) for row in positions.tolist()])
-    gen_order = torch.cat([positions, rest], dim=1)
     if order == "raster":
+        gen_order = torch.cat([positions, rest], dim=1)
         slow, _ = model(tokens, labels, order=gen_order)
         for k, (logits, _) in enumerate(seen):
             assert (logits[:, 0] - slow[:, 6 + k]).abs().max() < 1e-4
     # The prefix fed in one call == the same prefix fed one token at a time.
-    model.kv_caches = [KVCache(33) for _ in model.layers]
-    one_call = model.prefill(labels, gen_order, known_tokens, 1)
-    model.kv_caches = [KVCache(33) for _ in model.layers]
-    logits = model.prefill(labels, gen_order, known_tokens[:, :0], 1)
-    for j in range(6):
-        logits = model.decode_step(gen_order, j, known_tokens[:, j:j + 1], 1)
+    gen_order = torch.cat([positions, rest], dim=1)
+    model.setup_caches(2, 40, torch.float32, "cpu")
+    one_call = model.prefill(model.rope, labels, gen_order, known_tokens, 1)
+    logits = model.prefill(model.rope, labels, gen_order, known_tokens[:, :0], 1)
+    generated = torch.zeros(2, 16, dtype=torch.long)
+    generated[:, :6] = known_tokens
+    for j, step in enumerate(feed_plan([1] * 7, 0)[:6]):
+        logits = model.decode_step(model.rope, gen_order, generated, *step)
     assert (one_call - logits).abs().max() < 1e-4
 
 
-def test_parallel_steps_and_seed_reproducibility():
+def test_same_generator_same_tokens_and_generators_differ():
     model = random_gpt(seed=5)
     labels = torch.tensor([0, 9])
     a = model.generate(labels, steps=5, generator=torch.Generator().manual_seed(7))
     b = model.generate(labels, steps=5, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a, b) and a.shape == (2, 16) and a.min() >= 0 and a.max() < 32
+    c = model.generate(labels, steps=5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_tiny_model_overfits():
@@ -191,24 +309,31 @@ def test_tiny_model_overfits():
     model = RandAR(cfg)
     tokens, labels = torch.randint(0, 32, (8, 16)), torch.arange(8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
     for _ in range(300):
         _, loss = model(tokens, labels, order="random")
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first or loss.item()
-    assert first > 3.0 and loss.item() < 0.5
+    assert loss.item() < 0.5  # from log(32) = 3.47 at the zero-initialised head
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps"),
     (dict(steps=-1), "steps"),
+    (dict(steps=2.5), "steps"),
     (dict(order="spiral"), "spiral"),
     (dict(order=torch.zeros(2, 16, dtype=torch.long)), "permutation"),
     (dict(temperature=0.0), "temperature"),
     (dict(labels=torch.tensor([0, 10])), "labels"),
     (dict(labels=torch.tensor([-1, 0])), "labels"),
+    (dict(labels=torch.tensor([True, False])), "labels"),
+    (dict(labels=torch.tensor([1.0, 2.0])), "labels"),
+    (dict(cfg_scale=(1.0, 2.0, 3.0)), "cfg_scale"),
+    (dict(cfg_scale=(2.0,)), "cfg_scale"),
+    (dict(known=(torch.tensor([[0.0, 1.0]] * 2), torch.tensor([[1, 2]] * 2))), "known positions"),
+    (dict(known=(torch.tensor([[0, 1]] * 2), torch.tensor([[1.5, 2.0]] * 2))), "known tokens"),
+    (dict(grid=8, ntk_boundary=-1), "ntk_boundary"),
+    (dict(grid=0), "grid"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
     model = random_gpt()
@@ -217,34 +342,33 @@ def test_generate_rejects_bad_arguments(kwargs, match):
         model.generate(**kwargs)
 
 
+@pytest.mark.parametrize("field, value", [("n_kv_head", 8), ("n_kv_head", 3), ("dim", 72), ("multiple_of", 0),
+                                          ("n_layer", 0), ("rope_base", 0.0), ("rope_base", -1.0), ("block_size", 15)])
+def test_config_rejects_impossible_values(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        RandARConfig(**{**asdict(randar.PRESETS["tiny"]), field: value})
+
+
 def test_forward_rejects_bad_tokens_and_orders():
     model = random_gpt()
     with pytest.raises(ValueError, match="tokens"):
         model(torch.zeros(2, 15, dtype=torch.long), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="permutation"):
         model(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0, 1]), order=torch.ones(2, 16, dtype=torch.long))
-    assert model.generate(torch.tensor([0]), temperature=0.0, top_k=1).shape == (1, 16)  # greedy is fine
+    greedy = [model.generate(torch.tensor([0]), order="raster", temperature=0.0, top_k=1) for _ in range(2)]
+    assert torch.equal(*greedy)  # greedy needs no temperature and draws nothing random
+
+
+def test_grouped_query_attention_decodes_like_teacher_forcing():
+    model = random_gpt(seed=13, n_kv_head=2)
+    labels, order = torch.tensor([4]), torch.randperm(16, generator=torch.Generator().manual_seed(2))[None]
+    seen = []
+    tokens = model.generate(labels, order=order, callback=lambda s, logits, new: seen.append(logits))
+    slow, _ = model(tokens, labels, order=order)
+    assert (torch.cat(seen, 1) - slow).abs().max() < 1e-4 and slow.std() > 0.1
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
-
-import hashlib
-import http.server
-import signal
-import subprocess
-import sys
-import threading
-import time
-
-import numpy as np
-from PIL import Image
-
-import tokenizer as tok
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Debian package dataset-fashion-mnist not installed")
-
 
 def run(script, *argv, **kw):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, argv)], capture_output=True,
@@ -257,7 +381,6 @@ def reference_vq(fx):
     return model.eval()
 
 
-@needs_fixtures
 def test_tokenizer_matches_reference(fx):
     model, case = reference_vq(fx), fx["tokenizer"]["case"]
     ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
@@ -271,7 +394,6 @@ def test_tokenizer_matches_reference(fx):
         assert (model.decode(idx) - case["decoded"]).abs().max() < 1e-4
 
 
-@needs_fixtures
 def test_tokenizer_training_mode_quantizer_matches_reference(fx):
     ref = fx["tokenizer"]["case"]["train_mode_quantizer"]
     model = tok.VQModel(tok.VQConfig.from_dict({**fx["tokenizer"]["config"], "entropy_loss_ratio": ref["entropy_loss_ratio"]}))
@@ -314,7 +436,6 @@ def test_decode_of_encode_is_the_forward_reconstruction():
     assert torch.equal(idx, idx2) and (model.decode(idx) - recon).abs().max() < 1e-5
 
 
-@needs_fashion
 def test_tokenizer_learns_on_real_fashion_mnist(tmp_path):
     torch.manual_seed(0)
     images, labels = tok.fashion_mnist("test")
@@ -357,7 +478,6 @@ def serve(directory, files):
     return server, f"http://127.0.0.1:{server.server_port}/"
 
 
-@needs_fashion
 def test_download_checks_md5_and_removes_partial_file(tmp_path):
     real = open(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz"), "rb").read()
     server, url = serve(tmp_path, {"t10k-labels-idx1-ubyte.gz": real})
@@ -425,10 +545,12 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     torch.manual_seed(0)
     os.makedirs(path, exist_ok=True)
     vq = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "codebook_size": 32}))
-    torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, os.path.join(path, "tokenizer.pt"))
+    vq_path = os.path.join(path, "tokenizer.pt")
+    torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, vq_path)
     for split, n in (("train", n_train), ("test", n_test)):
+        source = tok.encode_source(vq_path, "fashion-mnist", split, 32, 0, False)  # what train.py's defaults ask for
         torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
-                    "num_classes": 10, "vocab_size": 32, "tokenizer": "tokenizer.pt"},
+                    "num_classes": 10, "vocab_size": 32, "tokenizer": vq_path, "source": source},
                    os.path.join(path, f"tokens_{split}.pt"))
     return str(path)
 
@@ -504,7 +626,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
-@needs_fashion
 def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     out = str(tmp_path / "run")
     r = run("train.py", "--out-dir", out, "--limit", 256, "--tokenizer-steps", 10, "--steps", 6, "--batch-size", 16,
@@ -513,7 +634,7 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     for f in ("tokenizer.pt", "tokens_train.pt", "tokens_test.pt", "last.pt", "samples.png", "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
     grid = Image.open(os.path.join(out, "samples.png"))
-    assert grid.size == (2 * (32 + 2), 10 * (32 + 2))  # 2 px gaps
+    assert grid.size == (2 * (64 + 2), 10 * (64 + 2))  # 2 per class x 10 classes, shown at 2x, 2 px gaps
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
     ckpt = weights(out)
@@ -525,9 +646,6 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
 
 
 # ---- eval_fid.py -------------------------------------------------------------------------------
-
-import eval_fid
-
 
 def test_frechet_distance_closed_form():
     rng = np.random.default_rng(0)
@@ -620,10 +738,6 @@ def test_eval_fid_cli_errors(tmp_path):
 
 # ---- resolution extrapolation ------------------------------------------------------------------
 
-from randar import rope_table_2d
-
-
-@needs_fixtures
 def test_rope_tables_match_reference_and_extrapolation_mix(fx):
     for key in ("freqs_cis_2d", "freqs_cis_2d_grid8"):
         ref = fx["rope"][key]
@@ -652,8 +766,8 @@ def test_extrapolated_generation_decodes_every_token_and_keeps_the_base():
     cols = torch.arange(4).repeat(4) * 2
     positions = (rows * 8 + cols).expand(2, -1)
     seen = []
-    big = model.generate(labels, known=(positions, base), grid=8, steps=10, cfg=(1.0, 3.0), spatial_cfg=(1.0, 2.5),
-                         generator=g, callback=lambda s, l, t: seen.append(t))
+    big = model.generate(labels, known=(positions, base), grid=8, steps=10, cfg_scale=(1.0, 3.0),
+                         spatial_cfg_scale=(1.0, 2.5), generator=g, callback=lambda s, l, t: seen.append(t))
     assert big.shape == (2, 64) and torch.equal(big.view(2, 8, 8)[:, ::2, ::2].reshape(2, 16), base)
     assert sum(t.size(1) for t in seen) == 48 and len(seen) == 10  # every remaining token decoded, in 10 steps
     assert torch.equal(model.rope, rope_table_2d(4, 16))  # the training table is back
@@ -664,9 +778,9 @@ def test_spatial_cfg_at_scale_one_is_plain_decoding():
     positions = torch.tensor([[0, 2, 5, 7, 8, 10, 13, 15]])
     known_tokens = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(3))
     runs = []
-    for spatial in (None, (1.0, 1.0)):
+    for spatial in (None, (3.0, 1.0)):  # the final spatial scale is 1: no spatial guidance
         seen = []
-        out = model.generate(torch.tensor([6]), order="raster", known=(positions, known_tokens), spatial_cfg=spatial,
+        out = model.generate(torch.tensor([6]), order="raster", known=(positions, known_tokens), spatial_cfg_scale=spatial,
                              steps=4, top_k=1, callback=lambda s, l, t: seen.append(l))  # greedy: no RNG in play
         runs.append((out, seen))
     (a, la), (b, lb) = runs
@@ -674,9 +788,6 @@ def test_spatial_cfg_at_scale_one_is_plain_decoding():
 
 
 # ---- sample.py ---------------------------------------------------------------------------------
-
-import sample
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -697,27 +808,38 @@ def test_sample_cli_png_npz_and_seed(tiny_run, tmp_path):
     a, b = outs
     assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (6, 16, 16, 1)  # 4x4 tokens x downsample 4
     assert a["arr_1"].tolist() == [1, 1, 1, 3, 3, 3]
-    assert np.array_equal(a["arr_0"], b["arr_0"])
-    assert Image.open(tmp_path / "a.png").size[0] > 3 * 16
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 0
+    assert Image.open(tmp_path / "a.png").size == (3 * (4 * 16 + 2), 2 * (4 * 16 + 2))  # 4x upscaled by default
 
 
-def test_sample_compare_outpaint_and_extrapolate_write_figures(tiny_run, tmp_path):
+def test_sample_figures_and_animation(tiny_run, tmp_path):
     ckpt = os.path.join(tiny_run, "last.pt")
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
-    for extra in (["--compare", "--classes", "0,1"], ["--outpaint", tmp_path / "in.png", "--sides", "right,top", "--num", 2, "--edit-class", 5],
-                  ["--extrapolate", 2, "--classes", "2", "--num", 2, "--extrapolate-steps", 6]):
-        out = tmp_path / "fig.png"
-        r = run("sample.py", "--ckpt", ckpt, "--out", out, *extra)
-        assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
-        out.unlink()
+    for command, extra, size in [("compare", ["--classes", "0,1"], (56 + 2 * 66, 6 * 66)),
+                                 ("outpaint", [tmp_path / "in.png", "--sides", "right,top", "--num", 2, "--edit-class", 5], (5 * 66, 66)),
+                                 ("extrapolate", ["--classes", "2", "--num", 2, "--extrapolate-steps", 6], (4 * 130, 130))]:
+        out = tmp_path / f"{command}.png"
+        r = run("sample.py", command, "--ckpt", ckpt, "--out", out, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert Image.open(out).size == size, command
+    r = run("sample.py", "animate", "--ckpt", ckpt, "--class", 3, "--out", tmp_path / "a.gif")
+    assert r.returncode == 0, r.stderr[-2000:]
+    gif = Image.open(tmp_path / "a.gif")
+    # raster and random take 16 steps, parallel 6 (= 16 * 88 / 256) and 4: the longest panel sets the length
+    assert gif.n_frames == 16 and gif.size == (4 * 16 * 4, 16 * 4 + 14)
+    gif.seek(0)
+    first = np.asarray(gif.convert("L"))[14:]
+    assert (first == 128).mean() > 0.8  # one token decoded per panel, the rest grey
+    gif.seek(gif.n_frames - 1)
+    assert (np.asarray(gif.convert("L"))[14:] == 128).mean() < 0.5
 
 
 def test_inpainting_keeps_known_tokens(tiny_run, tmp_path):
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
-    args = sample.parse(["--ckpt", os.path.join(tiny_run, "last.pt"), "--inpaint", str(tmp_path / "in.png"),
+    args = sample.parse(["inpaint", str(tmp_path / "in.png"), "--ckpt", os.path.join(tiny_run, "last.pt"),
                          "--mask", "4,0,12,8", "--edit-class", "3", "--num", "3", "--out", str(tmp_path / "o.png")])
-    args.device, args.ctx = torch.device("cpu"), torch.no_grad()
-    model, vq = sample.load_run(args.ckpt, "cpu")
+    sample.setup(args)
+    model, vq = sample.load_run(args)
     tokens, (positions, known_tokens) = sample.edit(model, vq, args)
     assert positions.size(1) == 16 - 4  # 2x2 tokens masked
     assert torch.equal(tokens.gather(1, positions), known_tokens)
@@ -732,26 +854,35 @@ def test_sample_cli_errors(tiny_run, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     cases = [(["--ckpt", tmp_path / "none.pt"], "not found"),
              (["--classes", "10"], "class 10"),
+             (["--classes", "abc"], "--classes"),
+             (["--num", 0], "--num"),
+             (["--num", -1], "--num"),
+             (["--batch-size", 0], "--batch-size"),
              (["--steps", 0], "--steps"),
              (["--steps", 17], "--steps"),
-             (["--inpaint", tmp_path / "img.png", "--mask", tmp_path / "mask20.png", "--edit-class", 1], "mask"),
-             (["--inpaint", tmp_path / "img24.png", "--mask", "0,0,4,4", "--edit-class", 1], "16x16"),
-             (["--inpaint", tmp_path / "text.png", "--mask", "0,0,4,4", "--edit-class", 1], "text.png"),
-             (["--inpaint", tmp_path / "img.png", "--mask", "0,0,4,4"], "--edit-class"),
-             (["--cfg", "3"], "--cfg")]
+             (["compare", "--order", "raster"], "--order"),  # a flag that would be ignored is refused
+             (["inpaint", tmp_path / "img.png", "--mask", tmp_path / "mask20.png", "--edit-class", 1], "mask"),
+             (["inpaint", tmp_path / "img24.png", "--mask", "0,0,4,4", "--edit-class", 1], "16x16"),
+             (["inpaint", tmp_path / "text.png", "--mask", "0,0,4,4", "--edit-class", 1], "text.png"),
+             (["inpaint", tmp_path / "img.png", "--mask", "0,0,4,4"], "--edit-class"),
+             (["--cfg", "3"], "--cfg"),
+             (["--ckpt", os.path.join(tiny_run, "tokenizer.pt")], "is a tokenizer checkpoint")]
     for argv, msg in cases:
         out = tmp_path / "out.png"
-        r = run("sample.py", *(["--ckpt", ckpt] if "--ckpt" not in argv else []), *argv, "--out", out)
-        assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+        command = [argv[0]] if argv[0] in sample.COMMANDS else []
+        r = run("sample.py", *command, *(["--ckpt", ckpt] if "--ckpt" not in argv else []), *argv[len(command):],
+                "--out", out)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
         assert not out.exists()
 
 
 def test_bench_runs_on_a_preset_without_checkpoint():
-    r = run("sample.py", "--bench", "--preset", "tiny", "--bench-batch", 2, "--repeats", 1, "--device", "cpu")
+    r = run("sample.py", "bench", "--preset", "tiny", "--bench-batch", 2, "--repeats", 1, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [l for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
-    assert len(rows) == 2 * 7 and "parallel random, 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
-    assert all(l.count("|") == 6 for l in rows) and "| 1.00x |" in r.stdout
+    rows = [l.split("|")[1:-1] for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
+    assert len(rows) == 2 * 5 and "eager random, parallel 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
+    for batch, name, ms, images_s, step_ms, floor_ms, speedup in rows:
+        assert float(ms) > 0 and float(floor_ms) > 0 and abs(float(ms) * float(images_s) - 1000) < 0.05 * 1000
 
 
 def test_llamagen_style_file_without_config_loads_as_vq16(tmp_path):

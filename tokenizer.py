@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from randar import load_torch_file
+
 
 @dataclass
 class VQConfig:
@@ -270,16 +272,16 @@ class VQModel(nn.Module):
 
 def load_tokenizer(path, device="cpu"):
     """Rebuild the tokenizer from a checkpoint written by `tokenizer.py train` (strict load)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a tokenizer checkpoint (no 'model' entry)")
+    ckpt = load_torch_file(path, "tokenizer checkpoint")
+    state = ckpt.get("model")
+    if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
+        what = "a RandAR checkpoint" if isinstance(state, dict) and "tok_embeddings.weight" in state else "another file"
+        raise ValueError(f"{path} is {what}, expected a tokenizer checkpoint")
     # LlamaGen's published vq_ds16_c2i.pt holds only {"model": ...}: it is the llamagen-vq16 preset.
     cfg = VQConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["llamagen-vq16"]
     model = VQModel(cfg)
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
@@ -409,8 +411,11 @@ def to_uint8(pixels):
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2):
-    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows."""
+def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1):
+    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows;
+    scale > 1 enlarges every image (nearest) so small images stay readable."""
+    if scale > 1:
+        images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     B, C, H, W = images_uint8.shape
     rows = math.ceil(B / nrow)
     canvas = Image.new("L" if C == 1 else "RGB", (label_width + nrow * (W + pad), rows * (H + pad)), 255)
@@ -424,22 +429,39 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2):
     return canvas
 
 
-def save_png(image, path):
+def temp_path(path):
+    """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"output {path} is a directory, expected a file name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp{os.getpid()}{ext}"
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_atomic(write, path):
+    """write(tmp) then rename: a crash mid-write leaves the old file intact and no temporary behind."""
+    tmp = temp_path(path)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(image, path):
+    write_atomic(image.save, path)
+
+
+def save_atomic(obj, path):
+    write_atomic(lambda tmp: torch.save(obj, tmp), path)
+
+
+def save_atomic_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **arrays)
+    write_atomic(write, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,34 +475,33 @@ def check_fits(cfg, dataset):
         raise ValueError(f"image size {H}x{W} is not divisible by the downsample factor {cfg.downsample}")
 
 
-def train(args):
-    torch.manual_seed(args.seed)
-    dataset, _ = open_dataset(args.data, "train", args.data_dir, args.image_size)
-    if args.limit:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-    cfg = PRESETS[args.preset]
-    if args.data != "fashion-mnist" and cfg.in_channels != 3:
+def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=3000,
+                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0):
+    """Train the VQ autoencoder (MSE + VQ losses) and write <out_dir>/tokenizer.pt; returns its path."""
+    torch.manual_seed(seed)
+    dataset = limited(open_dataset(data, "train", data_dir, image_size)[0], limit)
+    cfg = PRESETS[preset]
+    if data != "fashion-mnist" and cfg.in_channels != 3:
         cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
     check_fits(cfg, dataset)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "tokenizer.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
     model = VQModel(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    print(f"training tokenizer '{args.preset}' on {args.data} ({len(dataset)} images) for {args.steps} steps "
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps "
           f"-> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size)
-    step, t0, bar = 0, time.time(), tqdm(total=args.steps, desc="tokenizer")
-    while step < args.steps:
+    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
+    while step < steps:
         for images, _ in loader:
             x = to_pixels(images)
-            if args.flip:
+            if flip:
                 flip = torch.rand(x.size(0)) < 0.5
                 x[flip] = x[flip].flip(-1)
-            lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
             model.train()
             recon, losses, idx = model(x)
             rec_loss = F.mse_loss(recon, x)
@@ -490,18 +511,18 @@ def train(args):
             opt.step()
             code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             step += 1
-            if step % args.reinit_every == 0 and step < 0.8 * args.steps:
+            if step % reinit_every == 0 and step < 0.8 * steps:
                 reinit_dead_codes(model, code_hits, x)
                 code_hits.zero_()
             bar.update(1)
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
-            if step % args.image_every == 0 or step == args.steps:
-                save_reconstructions(model, fixed, os.path.join(args.out_dir, "tokenizer_recon.png"))
-            if step == args.steps:
+            if step % image_every == 0 or step == steps:
+                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
+            if step == steps:
                 break
     bar.close()
     save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step,
-                 "data": args.data, "image_size": args.image_size}, ckpt_path)
+                 "data": data, "image_size": image_size}, ckpt_path)
     print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
           f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
     return ckpt_path
@@ -539,36 +560,78 @@ def evaluate(model, dataset, batch_size=256):
 
 
 @torch.no_grad()
-def encode_dataset(model, dataset, flip=False, batch_size=256):
-    """Token grids of every image (and of its horizontal flip) -> tokens (M, h*w) int16/int32, labels (M,)."""
-    tokens, labels = [], []
-    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode"):
+def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True):
+    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,)."""
+    views = [[] for _ in range(1 + flip)]
+    labels = []
+    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode",
+                          disable=not show_progress):
         x = to_pixels(images)
-        for view in ([x, x.flip(-1)] if flip else [x]):
-            tokens.append(model.encode(view).flatten(1))
-            labels.append(torch.as_tensor(y))
+        for out, view in zip(views, [x, x.flip(-1)]):
+            out.append(model.encode(view).flatten(1))
+        labels.append(torch.as_tensor(y))
     dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
-    return torch.cat(tokens).to(dtype), torch.cat(labels)
+    return [torch.cat(v).to(dtype) for v in views], torch.cat(labels)
 
 
-def encode_source(args):
+def file_fingerprint(path, block=1 << 20):
+    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(block))
+        f.seek(max(size - block, 0))
+        digest.update(f.read(block))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def encode_source(ckpt, data, split, image_size, limit, flip):
     """What a token file was made from; train.py refuses a cache made from something else."""
-    return {"data": args.data, "split": args.split, "image_size": args.image_size, "limit": args.limit,
-            "flip": args.flip}
+    return {"data": data, "split": split, "image_size": image_size, "limit": limit, "flip": flip,
+            "tokenizer": file_fingerprint(ckpt)}
 
 
-def encode(args):
-    model = load_tokenizer(args.ckpt)
-    dataset, num_classes = open_dataset(args.data, args.split, args.data_dir, args.image_size)
-    if args.limit:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+def limited(dataset, limit):
+    return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+
+
+def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
+                 rank=0, world=1, device="cpu"):
+    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into
+    its own part file; the last rank to finish is not waited for long, and rank 0 joins the parts in
+    order (the result is the same file for any number of ranks). Call on every rank, then barrier,
+    then `join_parts` on rank 0."""
+    model = load_tokenizer(ckpt, device)
+    dataset, num_classes = open_dataset(data, split, data_dir, image_size)
+    dataset = limited(dataset, limit)
     check_fits(model.config, dataset)
-    tokens, labels = encode_dataset(model, dataset, args.flip)
+    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
+    views, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), flip,
+                                   show_progress=rank == 0)
+    header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
+              "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
+    if world == 1:
+        save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    else:
+        save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
+
+
+def join_parts(out, world):
+    """Rank 0, after every rank's encode_split: the part files -> one token file (originals, then flips)."""
+    names = [f"{out}.part{r}of{world}" for r in range(world)]
+    parts = [torch.load(n, weights_only=True) for n in names]
+    labels = torch.cat([p["labels"] for p in parts])
+    views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
+    header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
+    save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    for n in names:
+        os.remove(n)
+
+
+def encode_cmd(args):
     out = args.out or os.path.join(os.path.dirname(args.ckpt), f"tokens_{args.split}.pt")
-    save_atomic({"tokens": tokens, "labels": labels, "num_classes": num_classes,
-                 "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(args.ckpt),
-                 "source": encode_source(args)}, out)
-    print(f"wrote {len(tokens)} token grids to {out}")
+    encode_split(args.ckpt, args.split, out, args.data, args.data_dir, args.image_size, args.limit, args.flip)
+    print(f"wrote {out}")
 
 
 def evaluate_cmd(args):
@@ -579,6 +642,23 @@ def evaluate_cmd(args):
     print(f"{args.split}: PSNR {psnr:.2f} dB, codebook usage {usage:.1f}% of {model.config.codebook_size} codes")
 
 
+def train_cmd(args):
+    train_tokenizer(args.out_dir, args.data, args.data_dir, args.image_size, args.limit, args.preset, args.steps,
+                    args.batch_size, args.lr, args.flip, args.reinit_every, args.image_every, args.seed)
+
+
+def non_negative_int(text):
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return int(text)
+
+
+def positive_int(text):
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -586,17 +666,17 @@ def get_parser():
         s = sub.add_parser(name)
         s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
         s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
-        s.add_argument("--image-size", type=int, default=32)
-        s.add_argument("--limit", type=int, default=0, help="use only the first N images")
+        s.add_argument("--image-size", type=positive_int, default=32)
+        s.add_argument("--limit", type=non_negative_int, default=0, help="use only the first N images (0: all)")
         if name == "train":
             s.add_argument("--preset", default="demo", choices=PRESETS)
             s.add_argument("--out-dir", default="runs/demo")
-            s.add_argument("--steps", type=int, default=3000)
-            s.add_argument("--batch-size", type=int, default=64)
+            s.add_argument("--steps", type=positive_int, default=3000)
+            s.add_argument("--batch-size", type=positive_int, default=64)
             s.add_argument("--lr", type=float, default=2e-3)
             s.add_argument("--flip", action="store_true", help="random horizontal flips")
-            s.add_argument("--reinit-every", type=int, default=200, help="re-initialise dead codes every K steps")
-            s.add_argument("--image-every", type=int, default=500)
+            s.add_argument("--reinit-every", type=positive_int, default=200, help="re-initialise dead codes every K steps")
+            s.add_argument("--image-every", type=positive_int, default=500)
             s.add_argument("--seed", type=int, default=0)
         else:
             s.add_argument("--ckpt", default="runs/demo/tokenizer.pt")
@@ -609,8 +689,9 @@ def get_parser():
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if "OMP_NUM_THREADS" not in os.environ:  # respect a thread count the user set
+        torch.set_num_threads(os.cpu_count() or 1)
     try:
-        {"train": train, "encode": encode, "eval": evaluate_cmd}[args.command](args)
+        {"train": train_cmd, "encode": encode_cmd, "eval": evaluate_cmd}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import randar
 import tokenizer as tok
 from randar import PRESETS, RandAR, RandARConfig
 
@@ -66,33 +67,33 @@ def learning_rate(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def prepare_tokens(args, is_main):
-    """Tokenizer checkpoint (trained here if missing) and the cached token files of both splits."""
+def prepare_tokens(args, rank, world):
+    """Tokenizer checkpoint (trained here if missing, on rank 0) and the cached token files of both splits,
+    each encoded by all ranks together (tokenizer.encode_split) and refused if made from other inputs."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
-    data_args = ["--data", args.data, "--image-size", str(args.image_size), "--limit", str(args.limit)] + \
-        (["--data-dir", args.data_dir] if args.data_dir else [])
-    if is_main and not os.path.exists(ckpt):
-        if args.tokenizer_ckpt:
-            raise FileNotFoundError(f"tokenizer checkpoint not found: {ckpt}")
-        tok.train(tok.get_parser().parse_args(["train", "--out-dir", args.out_dir, "--steps",
-                                               str(args.tokenizer_steps)] + data_args))
+    data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
+    if args.tokenizer_ckpt and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
+    if rank == 0 and not os.path.exists(ckpt):
+        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, **data)
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
-    encode_args = {}
+    caches = {}
     for split, path in files.items():
-        flip = ["--flip"] if args.flip and split == "train" else []
-        encode_args[split] = tok.get_parser().parse_args(["encode", "--ckpt", ckpt, "--split", split, "--out", path]
-                                                         + flip + data_args)
-        if is_main and not os.path.exists(path):
-            tok.encode(encode_args[split])
-    barrier()
-    data = {s: torch.load(f, weights_only=True) for s, f in files.items()}
-    for split, d in data.items():  # a cache made from other data would silently train on the wrong tokens
-        made_from, wanted = d.get("source"), tok.encode_source(encode_args[split])
-        if made_from is not None and made_from != wanted:
-            raise ValueError(f"{files[split]} was encoded from {made_from}, not {wanted}; delete it or use "
+        flip = args.flip and split == "train"
+        if not os.path.exists(path):
+            tok.encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, **data)
+            barrier()
+            if rank == 0 and world > 1:
+                tok.join_parts(path, world)
+            barrier()
+        cache = randar.load_torch_file(path, "token file")
+        wanted = tok.encode_source(ckpt, split=split, flip=flip, **{k: v for k, v in data.items() if k != "data_dir"})
+        if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
+            raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
                              f"another --out-dir")
-    return ckpt, data
+        caches[split] = cache
+    return ckpt, caches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,16 +122,23 @@ def validation_loss(model, data, args, device, ctx):
 
 
 @torch.no_grad()
-def sample_grid(model, vq, num_classes, path, args, device, ctx):
-    """One row per class, args.samples_per_class images each."""
+def sample_grid(model, vq, path, args, device, ctx):
+    """One row per class for at most 10 classes spread over the label range (ImageNet: 10 of 1000),
+    args.samples_per_class images each, generated in batches of args.batch_size: bounded memory."""
     model.eval()
-    labels = torch.arange(num_classes, device=device).repeat_interleave(args.samples_per_class)
+    num_classes = model.config.num_classes
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long()
+    labels = classes.repeat_interleave(args.samples_per_class).to(device)
     g = torch.Generator(device).manual_seed(args.seed)
-    with ctx:
-        tokens = model.generate(labels, order=args.order, cfg=(1.0, args.cfg), temperature=1.0, generator=g)
+    tokens = []
+    for i in range(0, len(labels), args.batch_size):
+        with ctx:
+            tokens.append(model.generate(labels[i:i + args.batch_size], order=args.order, cfg_scale=(1.0, args.cfg),
+                                         generator=g))
+    model.free_caches()
     grid = model.config.grid
-    images = tok.to_uint8(vq.decode(tokens.view(-1, grid, grid)).float()).cpu()
-    tok.save_png(tok.image_grid(images, nrow=args.samples_per_class), path)
+    images = tok.to_uint8(vq.decode(torch.cat(tokens).view(-1, grid, grid)).float()).cpu()
+    tok.save_png(tok.image_grid(images, nrow=args.samples_per_class, scale=2), path)
     model.train()
 
 
@@ -152,7 +160,7 @@ def main(args):
               f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
               f"rank seed {seed}; writing to {args.out_dir}/")
 
-    vq_path, data = prepare_tokens(args, is_main)
+    vq_path, data = prepare_tokens(args, rank, world)
     train_tokens, train_labels = data["train"]["tokens"], data["train"]["labels"]
     n_tokens = train_tokens.size(1)
     cfg = replace(PRESETS[args.preset], vocab_size=data["train"]["vocab_size"], block_size=n_tokens,
@@ -161,6 +169,7 @@ def main(args):
         cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
     if args.class_dropout is not None:
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
+    torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
     model = RandAR(cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm weights
@@ -175,7 +184,7 @@ def main(args):
     if resume:
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume checkpoint not found: {resume}")
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        ckpt = randar.load_torch_file(resume, "RandAR checkpoint")
         if RandARConfig.from_dict(ckpt["config"]) != cfg:
             raise ValueError(f"{resume} was trained with another config; use a new --out-dir")
         model.load_state_dict(ckpt["model"], strict=True)
@@ -275,8 +284,7 @@ def main(args):
                     metrics.flush()
                     bar.write(f"step {step}: val loss {val:.4f} nats/token")
             if is_main and (step % args.sample_every == 0 or step == args.steps):
-                sample_grid(raw_model, vq, cfg.num_classes, os.path.join(args.out_dir, "samples.png"), args,
-                            device, ctx)
+                sample_grid(raw_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
             barrier()
@@ -297,17 +305,17 @@ def get_parser():
                    help="raster = the LlamaGen-style baseline the paper compares with")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images of each split")
+    p.add_argument("--image-size", type=tok.positive_int, default=32)
+    p.add_argument("--limit", type=tok.non_negative_int, default=0, help="use only the first N images of each split")
     p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
-    p.add_argument("--tokenizer-steps", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=64, help="per rank and micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--tokenizer-steps", type=tok.positive_int, default=1000)
+    p.add_argument("--steps", type=tok.positive_int, default=800)
+    p.add_argument("--batch-size", type=tok.positive_int, default=64, help="per rank and micro-step")
+    p.add_argument("--grad-accum", type=tok.positive_int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=tok.non_negative_int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--dropout", type=float, default=None, help="override token/residual/FFN dropout")
@@ -315,20 +323,20 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--val-limit", type=int, default=2000, help="held-out images used for the validation loss")
-    p.add_argument("--sample-every", type=int, default=400)
-    p.add_argument("--samples-per-class", type=int, default=10)
+    p.add_argument("--log-every", type=tok.positive_int, default=10)
+    p.add_argument("--eval-every", type=tok.positive_int, default=200)
+    p.add_argument("--val-limit", type=tok.positive_int, default=2000, help="held-out images used for the validation loss")
+    p.add_argument("--sample-every", type=tok.positive_int, default=400)
+    p.add_argument("--samples-per-class", type=tok.positive_int, default=10)
     p.add_argument("--cfg", type=float, default=2.0, help="CFG scale at the end of the linear schedule (samples)")
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--keep", type=int, default=2, help="also keep the last K step_*.pt checkpoints")
+    p.add_argument("--ckpt-every", type=tok.positive_int, default=200)
+    p.add_argument("--keep", type=tok.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
     return p
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    if "RANK" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:  # respect the thread count torchrun or the user set
         torch.set_num_threads(os.cpu_count() or 1)
     try:
         main(args)
