@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from tokenizer import save_atomic_npz
+
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ class FIDInception(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         features = x.mean(dim=(2, 3))
-        return features, self.fc(features)
+        return features, features @ self.fc.weight.t()  # logits without the bias, as the IS convention
 
 
 def load_inception(path=None, device="cpu"):
@@ -198,22 +199,23 @@ def load_inception(path=None, device="cpu"):
 def load_images(path):
     """.npz (arr_0: uint8 NHWC) or a folder of PNG/JPEG -> list or array of HWC uint8 images (C = 1 or 3)."""
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+        names = sorted(os.listdir(path))
+        readable = tuple(Image.registered_extensions())  # every format Pillow reads (.png, .jpg, .webp, .tif, ...)
+        files = [f for f in names if f.lower().endswith(readable)]
+        if len(files) < len(names):
+            print(f"{path}: skipped {len(names) - len(files)} entries that are not images (e.g. "
+                  f"{next(f for f in names if f not in files)!r})")
         images = []
         for f in files:
             try:
                 with Image.open(os.path.join(path, f)) as im:
-                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+                    images.append(np.asarray(im.convert("RGB")))  # greyscale, palette, RGBA, 16-bit, CMYK: RGB
             except Exception as e:
                 raise ValueError(f"cannot read image {os.path.join(path, f)}: {e}") from None
-        images = [im[..., None] if im.ndim == 2 else im for im in images]
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
     else:
-        try:
-            data = np.load(path)
-        except Exception as e:
-            raise ValueError(f"cannot read {path} as .npz: {e}") from None
+        data = read_npz(path)
         if "arr_0" not in data:
             raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(data.keys())})")
         images = data["arr_0"]
@@ -267,22 +269,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over splits."""
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over splits. The published convention (TensorFlow's
+    original, the ADM evaluator, torch-fidelity): softmax over the 1008 logits *without* the fc bias,
+    splits of N // splits images each (a remainder is left out)."""
     p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1)
+    size = len(p) // splits
+    if size == 0:
+        raise ValueError(f"the Inception Score needs at least {splits} images, got {len(p)}")
     scores = []
-    for part in p.chunk(splits):
+    for part in p[:size * splits].split(size):
         kl = (part * (part.clamp_min(1e-30).log() - part.mean(0, keepdim=True).clamp_min(1e-30).log())).sum(1)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _radii(feats, k):
-    d = torch.cdist(feats, feats)
+def _radii(feats, k, batch=256):
+    """Distance of each point to its k-th nearest neighbour, in row chunks: O(batch * N) memory."""
     k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
-    return d.kthvalue(k + 1, dim=1).values  # the (k+1)-th smallest includes the point itself
+    # the (k+1)-th smallest distance, since each point's own distance (0) is among them
+    return torch.cat([torch.cdist(feats[i:i + batch], feats).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(feats), batch)])
 
 
-def _coverage(points, centres, radii, batch=1024):
+def _coverage(points, centres, radii, batch=256):
     """Fraction of points inside at least one ball (centre, radius)."""
     inside = 0
     for i in range(0, len(points), batch):
@@ -297,15 +306,31 @@ def precision_recall(real, fake, k=3):
     return _coverage(fake, real, _radii(real, k)), _coverage(real, fake, _radii(fake, k))
 
 
+STATS_EXTRACTOR = "pytorch-fid-inception-v3-pool3"  # written into --save-stats files, required when read back
+
+
 def statistics(path, model, args):
     """A stats file's (mu, sigma, features, None) or an image set's (mu, sigma, features, logits)."""
     if os.path.isfile(path) and path.endswith(".npz"):
-        data = np.load(path)
-        if "mu" in data and "sigma" in data:
-            return data["mu"], data["sigma"], data["features"] if "features" in data else None, None
+        data = read_npz(path)
+        if "mu" in data and "arr_0" in data:  # an ADM reference batch: its mu/sigma come from TF's Inception
+            print(f"{path}: its mu/sigma were computed by another Inception; using arr_0 with ours instead")
+        elif "mu" in data and "sigma" in data:
+            if str(data.get("extractor", "")) != STATS_EXTRACTOR:
+                raise ValueError(f"{path} holds mu/sigma of another feature extractor and no images to recompute "
+                                 f"them from; make statistics with `eval_fid.py IMAGES --save-stats`")
+            return data["mu"], data["sigma"], data.get("features"), None
     images = load_images(path)
     feats, logits = inception_outputs(model(), images, args.batch_size, args.device)
     return feats.mean(0), np.cov(feats, rowvar=False), feats, logits
+
+
+def read_npz(path):
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def main(args):
@@ -322,9 +347,8 @@ def main(args):
         mu, sigma, feats, logits = statistics(args.inputs[0], model, args)
         if logits is None:
             raise ValueError(f"{args.inputs[0]} is already a stats file; --save-stats needs images")
-        tmp = args.save_stats + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32))
-        os.replace(tmp, args.save_stats)
+        save_atomic_npz(args.save_stats, mu=mu, sigma=sigma, features=feats.astype(np.float32),
+                        extractor=STATS_EXTRACTOR)
         print(f"wrote statistics of {len(feats)} images to {args.save_stats}")
         return
     mu1, s1, f1, logits = statistics(args.inputs[0], model, args)
@@ -332,7 +356,7 @@ def main(args):
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature sizes differ: {args.inputs[0]} has {mu1.shape[0]}, {args.inputs[1]} has {mu2.shape[0]}")
     results = {"fid": frechet_distance(mu1, s1, mu2, s2)}
-    if logits is not None:
+    if logits is not None and len(logits) >= 10:
         results["is_mean"], results["is_std"] = inception_score(logits)
     if f1 is not None and f2 is not None:
         results["precision"], results["recall"] = precision_recall(f2, f1)

@@ -456,6 +456,42 @@ class RandAR(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    # ---- bi-directional features (paper §4.6, docs/algorithm.md §8) ----------------------------
+
+    @torch.no_grad()
+    def features(self, tokens, labels=None, layer=-1, kind="bidirectional"):
+        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout).
+
+        'bidirectional': a first pass feeds the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)]
+        (raster order), a second pass feeds PI(p) for every position p again; the second pass's hidden
+        state at PI(p) has attended to every image token and is tied to position p. 'causal': one
+        raster pass read at E(t_p), which has seen only tokens 0..p. labels None -> the null class
+        (the features are not told the answer). layer: hidden states after that many blocks
+        (-1: after all blocks and the final norm, what the output head reads).
+        """
+        B, N = tokens.shape
+        if kind not in ("bidirectional", "causal", "echo") or tokens.shape[1] != self.config.block_size:
+            raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
+                             f"got {kind!r} and {tuple(tokens.shape)}")
+        labels = torch.full((B,), self.config.num_classes, device=tokens.device) if labels is None \
+            else self.check_labels(labels, allow_null=True)
+        order = torch.arange(N, device=tokens.device).expand(B, N)
+        pairs, pair_rope = self.pairs(order, tokens, self.rope)
+        x = [self.cls_embedding(labels)[:, None], pairs]
+        rope = [self.rope[:1].expand(B, 1, -1, -1), pair_rope]
+        if kind == "bidirectional":
+            x.append(self.position_instructions(order, self.rope))  # second pass: PI(0) ... PI(N-1)
+            rope.append(self.rope[order + 1])
+        if kind == "echo":
+            x.append(pairs)
+            rope.append(pair_rope)
+        h = self._transformer(torch.cat(x, 1), torch.cat(rope, 1), n_layers=None if layer == -1 else layer)
+        if layer == -1:
+            h = self.norm(h)
+        if kind == "echo":
+            return h[:, 2 + 2 * N::2]
+        return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
+
     # ---- generation with a KV cache (paper §3.3, docs/algorithm.md §4-5) ------------------------
 
     def setup_caches(self, batch, slots, dtype, device):

@@ -9,7 +9,7 @@
     python sample.py extrapolate --factor 2            # 2x larger token grid, zero-shot
     python sample.py bench --compile                   # ms/image: uncached, cached, parallel, compiled
     torchrun --nproc_per_node=8 sample.py grid --ckpt randar_0.7b.safetensors --preset XL \
-        --vq-ckpt vq_ds16_c2i.pt --num 50 --cfg 1,4 --steps 88 --out-npz samples.npz   # 50k images for FID
+        --vq-ckpt vq_ds16_c2i.pt --per-class 50 --cfg 1,4 --steps 88 --out-npz samples.npz   # 50k images for FID
 
 Everything generated goes through one function, RandAR.generate (randar.py): the order, the number
 of steps and the known tokens (editing, paper §4.4) are its arguments.
@@ -87,7 +87,7 @@ def check_classes(classes, model):
 # grid / npz: the FID protocol's sampler. Under torchrun every rank takes every world-th chunk.
 
 def grid(model, vq, args):
-    labels = torch.tensor(check_classes(args.classes, model)).repeat_interleave(args.num)
+    labels = torch.tensor(check_classes(args.classes, model)).repeat_interleave(args.per_class)
     chunks = range(args.rank, -(-len(labels) // args.batch_size), args.world)
     parts = []
     for c in chunks:
@@ -101,7 +101,7 @@ def grid(model, vq, args):
         tok.save_atomic_npz(args.out_npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
         print(f"wrote {len(images)} images to {args.out_npz}")
     if args.out or not args.out_npz:
-        save_figure(tok.image_grid(images, nrow=args.num, scale=args.scale), args.out or default_out(args))
+        save_figure(tok.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
 
 
 def gather_in_chunk_order(parts, chunks, args):
@@ -237,7 +237,7 @@ def edit(model, vq, args):
     positions = (~token_mask).nonzero().flatten().to(args.device)
     if len(positions) == model.config.block_size:
         raise ValueError("the mask covers no token: nothing to generate")
-    n = args.num
+    n = args.results
     labels = torch.full((n,), check_classes([args.edit_class], model)[0], device=args.device)
     known = (positions.expand(n, -1), tokens[positions].expand(n, -1))
     tokens, results = generate_batched(model, vq, labels, args, known=known, desc="editing")
@@ -257,7 +257,7 @@ def extrapolate(model, vq, args):
     with the NTK-mixed RoPE table and spatial CFG. Figure: base (upscaled) next to its extrapolation.
     """
     f, g = args.factor, model.config.grid
-    labels = torch.tensor(check_classes(args.classes, model), device=args.device).repeat_interleave(args.num)
+    labels = torch.tensor(check_classes(args.classes, model), device=args.device).repeat_interleave(args.per_class)
     base, base_images = generate_batched(model, vq, labels, args, desc="base")
     G = f * g
     positions = ((torch.arange(g) * f * G)[:, None] + torch.arange(g) * f).flatten().to(args.device)
@@ -266,7 +266,7 @@ def extrapolate(model, vq, args):
                               spatial_cfg_scale=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
-    save_figure(tok.image_grid(pairs, nrow=2 * args.num, scale=args.scale), args.out or default_out(args))
+    save_figure(tok.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale), args.out or default_out(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +444,10 @@ def get_parser():
         if name in ("grid", "inpaint", "outpaint", "extrapolate"):
             s.add_argument("--order", default="random", choices=["random", "raster"])
             s.add_argument("--steps", type=positive_int, default=None, help="decoding steps; fewer than N = parallel")
-            s.add_argument("--num", type=positive_int, default=8, help="images per class (editing: results)")
+        if name in ("grid", "extrapolate"):  # (not --num: torchrun would take it for its --numa-binding)
+            s.add_argument("--per-class", type=positive_int, default=8, help="images per class")
+        if name in ("inpaint", "outpaint"):
+            s.add_argument("--results", type=positive_int, default=6, help="edited images to generate")
         if name in ("grid", "compare", "extrapolate"):
             s.add_argument("--classes", type=class_list, default=None, help="comma list (default: all)")
         if name == "grid":

@@ -555,6 +555,13 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     return str(path)
 
 
+def torchrun(script, *argv):
+    """script under `torchrun --nproc_per_node=2`, one thread per process (2 cores)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, script), *map(str, argv)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def tiny_train_args(out_dir, *extra):
     return ["--out-dir", out_dir, "--preset", "tiny", "--batch-size", 8, "--warmup-steps", 2, "--eval-every", 1000,
             "--sample-every", 1000, "--samples-per-class", 1, "--log-every", 1, *extra]
@@ -569,9 +576,7 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     one, two = synthetic_run_dir(tmp_path / "one"), synthetic_run_dir(tmp_path / "two")
     r = run("train.py", *tiny_train_args(one, *common, "--batch-size", 16))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), *map(str, tiny_train_args(two, *common))],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun("train.py", *tiny_train_args(two, *common))
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = weights(one), weights(two)
     assert len(b["rank_param_checksums"]) == 2 and b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
@@ -645,6 +650,41 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     assert r.returncode != 0 and "was encoded from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_miniature_imagenet_through_torchrun(tmp_path):
+    """The paper-scale path in miniature: 1000 classes of RGB images, 2 processes for training (tokenizer,
+    rank-split encoding, DDP) and for sampling; the npz does not depend on the number of processes."""
+    data = tmp_path / "imagenet"
+    rng = np.random.default_rng(0)
+    for c in range(1000):
+        (data / f"n{c:05d}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 18, 3), dtype=np.uint8)).save(data / f"n{c:05d}" / f"{i}.png")
+    out = str(tmp_path / "run")
+    r = torchrun("train.py", "--data", data, "--image-size", 16, "--out-dir", out, "--preset", "tiny",
+                 "--tokenizer-steps", 3, "--steps", 2, "--batch-size", 8, "--val-limit", 32, "--samples-per-class", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tokens = torch.load(os.path.join(out, "tokens_train.pt"), weights_only=True)
+    assert tokens["tokens"].shape == (2000, 16) and tokens["labels"].tolist() == [c for c in range(1000) for _ in (0, 1)]
+    assert not [f for f in os.listdir(out) if ".part" in f]  # the per-rank parts were joined and removed
+    assert Image.open(os.path.join(out, "samples.png")).size == (1 * (32 + 2), 10 * (32 + 2))  # 10 of 1000 classes
+    sample_args = ["grid", "--ckpt", os.path.join(out, "last.pt"), "--per-class", 1, "--steps", 5, "--batch-size", 64, "--seed", 3]
+    r = torchrun("sample.py", *sample_args, "--out-npz", tmp_path / "two.npz")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run("sample.py", *sample_args, "--out-npz", tmp_path / "one.npz")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert two["arr_0"].shape == (1000, 16, 16, 3) and two["arr_1"].tolist() == list(range(1000))
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and len(np.unique(two["arr_0"].reshape(1000, -1), axis=0)) > 900
+    # FID against an ADM-style reference batch (images + another network's mu/sigma), on a slice: Inception is slow here
+    torch.manual_seed(0)
+    torch.save(eval_fid.FIDInception().state_dict(), tmp_path / "inception.pth")
+    np.savez(tmp_path / "samples50.npz", arr_0=two["arr_0"][:50])
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 255, (50, 16, 16, 3), dtype=np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048))
+    r = run("eval_fid.py", tmp_path / "samples50.npz", tmp_path / "ref.npz", "--inception", tmp_path / "inception.pth")
+    assert r.returncode == 0 and "another Inception" in r.stdout and "fid:" in r.stdout, r.stderr[-2000:]
+
+
 # ---- eval_fid.py -------------------------------------------------------------------------------
 
 def test_frechet_distance_closed_form():
@@ -676,6 +716,31 @@ def test_precision_recall_and_inception_score_known_answers():
     confident[np.arange(1000), np.arange(1000) % 10] = 1e4  # evenly spread over 10 classes
     mean, std = eval_fid.inception_score(confident)
     assert abs(mean - 10.0) < 1e-6 and std < 1e-6
+    # Published split convention: 10 splits of N // 10 images, the remainder left out (N = 15: 10 splits of 1).
+    logits = np.zeros((15, 1008))
+    logits[10:, 0] = 50.0  # the last 5 images are in no split: every split holds one image, IS = 1
+    assert abs(eval_fid.inception_score(logits)[0] - 1.0) < 1e-9
+    with pytest.raises(ValueError, match="at least 10"):
+        eval_fid.inception_score(logits[:9])
+
+
+def test_precision_recall_in_chunks_equals_the_full_distance_matrix():
+    rng = np.random.default_rng(2)
+    real, fake = torch.tensor(rng.normal(size=(700, 8))), torch.tensor(rng.normal(size=(600, 8)) + 0.3)
+    full_radii = torch.cdist(real, real).kthvalue(4, dim=1).values
+    assert torch.allclose(eval_fid._radii(real, 3, batch=64), full_radii)
+    inside = (torch.cdist(fake, real) <= full_radii[None]).any(1).double().mean().item()
+    precision, recall = eval_fid.precision_recall(real, fake)
+    assert precision == inside and 0.2 < precision < 1.0 and 0.2 < recall < 1.0
+
+
+def test_inception_logits_leave_out_the_fc_bias():
+    torch.manual_seed(0)
+    model = eval_fid.FIDInception().eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(5.0)
+        feats, logits = model(torch.randint(0, 255, (2, 3, 75, 75), dtype=torch.uint8))
+    assert torch.allclose(logits, feats @ model.fc.weight.t())
 
 
 def test_inception_layout_matches_pytorch_fid_weights():
@@ -695,8 +760,8 @@ def test_eval_fid_cli_npz_and_folder_agree(tmp_path):
     torch.manual_seed(0)
     weights = str(tmp_path / "random_inception.pth")
     torch.save(eval_fid.FIDInception().state_dict(), weights)
-    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 1), dtype=np.uint8)
-    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(3))
+    images = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(12))
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, im in enumerate(images):
@@ -705,19 +770,38 @@ def test_eval_fid_cli_npz_and_folder_agree(tmp_path):
         r = run("eval_fid.py", src, "--save-stats", tmp_path / dst, "--inception", weights)
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
-    assert a["features"].shape == (3, 2048) and np.allclose(a["features"], b["features"], atol=1e-5)
+    assert a["features"].shape == (12, 2048) and np.allclose(a["features"], b["features"], atol=1e-5)
     r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "b.npz", "--inception", weights, "--json", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "m.json"))
     assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["is_mean"] >= 1.0
+    # An ADM-style reference batch: images plus mu/sigma of another network. Its mu/sigma are not used.
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=np.ones(2048), sigma=np.eye(2048) * 7)
+    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights, "--json", tmp_path / "m2.json")
+    assert r.returncode == 0 and "another Inception" in r.stdout, r.stderr[-2000:]
+    assert abs(json.load(open(tmp_path / "m2.json"))["fid"]) < 1e-3
+    # Mixed greyscale / RGB / palette / RGBA images in one folder, and other formats, are read as RGB.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, mode in enumerate(["L", "RGB", "P", "RGBA", "I;16", "CMYK"]):
+        Image.fromarray(images[i, ..., 0]).convert(mode).save(mixed / f"{i}.{'tif' if mode in ('I;16', 'CMYK') else 'png'}")
+    Image.fromarray(images[6, ..., 0]).save(mixed / "6.webp")
+    Image.fromarray(images[7, ..., 0]).save(mixed / "7.bmp")
+    (mixed / "notes.txt").write_text("not an image")
+    r = run("eval_fid.py", mixed, "--save-stats", tmp_path / "c.npz", "--inception", weights, "--batch-size", 4)
+    assert r.returncode == 0 and "skipped 1" in r.stdout, r.stderr[-2000:]
+    assert np.load(tmp_path / "c.npz")["features"].shape == (8, 2048)
 
 
 def test_eval_fid_cli_errors(tmp_path):
     np.savez(tmp_path / "no_arr0.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "rank3.npz", arr_0=np.zeros((3, 8, 8), np.uint8))
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
-    np.savez(tmp_path / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64))
-    np.savez(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    ours = eval_fid.STATS_EXTRACTOR
+    np.savez(tmp_path / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64), extractor=ours)
+    np.savez(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048), extractor=ours)
+    np.savez(tmp_path / "foreign.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # mu/sigma only, of another network
+    (tmp_path / "random.npz").write_bytes(os.urandom(300))
     bad_weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     bad_weights.write_bytes(b"not the weights")
     cases = [([tmp_path / "missing.npz", tmp_path / "stats64.npz"], "not found"),
@@ -727,6 +811,8 @@ def test_eval_fid_cli_errors(tmp_path):
              ([tmp_path / "stats64.npz", tmp_path / "stats2048.npz"], "feature sizes differ"),
              ([tmp_path / "no_arr0.npz", "--save-stats", tmp_path / "x.npz", "--inception", tmp_path / "none.pth"], "arr_0"),
              ([tmp_path / "stats64.npz", "--save-stats", tmp_path / "x.npz"], "stats"),
+             ([tmp_path / "stats2048.npz", tmp_path / "foreign.npz"], "another feature extractor"),
+             ([tmp_path / "random.npz", tmp_path / "stats64.npz"], "random.npz is not a readable .npz"),
              ]
     for argv, msg in cases:
         r = run("eval_fid.py", *argv)
@@ -801,7 +887,7 @@ def tiny_run(tmp_path_factory):
 def test_sample_cli_png_npz_and_seed(tiny_run, tmp_path):
     outs = []
     for name in ("a", "b"):
-        r = run("sample.py", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--num", 3, "--seed", 7,
+        r = run("sample.py", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--per-class", 3, "--seed", 7,
                 "--steps", 5, "--out", tmp_path / f"{name}.png", "--out-npz", tmp_path / f"{name}.npz")
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(np.load(tmp_path / f"{name}.npz"))
@@ -816,8 +902,8 @@ def test_sample_figures_and_animation(tiny_run, tmp_path):
     ckpt = os.path.join(tiny_run, "last.pt")
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
     for command, extra, size in [("compare", ["--classes", "0,1"], (56 + 2 * 66, 6 * 66)),
-                                 ("outpaint", [tmp_path / "in.png", "--sides", "right,top", "--num", 2, "--edit-class", 5], (5 * 66, 66)),
-                                 ("extrapolate", ["--classes", "2", "--num", 2, "--extrapolate-steps", 6], (4 * 130, 130))]:
+                                 ("outpaint", [tmp_path / "in.png", "--sides", "right,top", "--results", 2, "--edit-class", 5], (5 * 66, 66)),
+                                 ("extrapolate", ["--classes", "2", "--per-class", 2, "--extrapolate-steps", 6], (4 * 130, 130))]:
         out = tmp_path / f"{command}.png"
         r = run("sample.py", command, "--ckpt", ckpt, "--out", out, *extra)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -837,7 +923,7 @@ def test_sample_figures_and_animation(tiny_run, tmp_path):
 def test_inpainting_keeps_known_tokens(tiny_run, tmp_path):
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
     args = sample.parse(["inpaint", str(tmp_path / "in.png"), "--ckpt", os.path.join(tiny_run, "last.pt"),
-                         "--mask", "4,0,12,8", "--edit-class", "3", "--num", "3", "--out", str(tmp_path / "o.png")])
+                         "--mask", "4,0,12,8", "--edit-class", "3", "--results", "3", "--out", str(tmp_path / "o.png")])
     sample.setup(args)
     model, vq = sample.load_run(args)
     tokens, (positions, known_tokens) = sample.edit(model, vq, args)
@@ -855,8 +941,8 @@ def test_sample_cli_errors(tiny_run, tmp_path):
     cases = [(["--ckpt", tmp_path / "none.pt"], "not found"),
              (["--classes", "10"], "class 10"),
              (["--classes", "abc"], "--classes"),
-             (["--num", 0], "--num"),
-             (["--num", -1], "--num"),
+             (["--per-class", 0], "--per-class"),
+             (["inpaint", tmp_path / "img.png", "--mask", "0,0,4,4", "--edit-class", 1, "--results", -1], "--results"),
              (["--batch-size", 0], "--batch-size"),
              (["--steps", 0], "--steps"),
              (["--steps", 17], "--steps"),
