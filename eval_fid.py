@@ -333,8 +333,53 @@ def read_npz(path):
         raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]})") from None
 
 
+# ----------------------------------------------------------------------------------------------
+# Linear probe of RandAR's features (docs/algorithm.md §9): how much of the class a frozen model's
+# features hold, read by a linear classifier trained on the train split, scored on the test split.
+
+def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4):
+    """Multinomial logistic regression on standardised features (full batch, L-BFGS) -> test accuracy."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, xt = (train_x - mean) / std, (test_x - mean) / std
+    w = torch.zeros(x.size(1), int(train_y.max()) + 1, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(w.size(1), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_y) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return ((xt @ w + b).argmax(1) == test_y).double().mean().item()
+
+
+@torch.no_grad()
+def probe(args):
+    """Accuracy of a linear classifier on mean-pooled bi-directional and causal features, and on a bag
+    of codebook indices, for the token files train.py wrote beside the checkpoint."""
+    import randar
+    model = randar.load_model(args.probe)[0].to(args.device)
+    folder = os.path.dirname(args.probe)
+    splits = {s: randar.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
+    data = {s: (d["tokens"][:args.probe_images].long(), d["labels"][:args.probe_images]) for s, d in splits.items()}
+    vocab = model.config.vocab_size
+    bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
+    results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
+    for kind in ("bidirectional", "causal"):
+        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
+                               .mean(1).double().cpu() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
+                 for s, (t, _) in data.items()}
+        results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
+    for name, acc in results.items():
+        print(f"linear probe, {name}: {100 * acc:.2f}% test accuracy")
+    return results
+
+
 def main(args):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.probe:
+        return probe(args)
     cache = {}
 
     def model():  # loaded only when some input is images, once
@@ -369,19 +414,23 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
+    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
     p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="auto")
+    p.add_argument("--probe", default=None, metavar="CKPT", help="instead: linear-probe RandAR features (token "
+                   "files beside CKPT, as train.py leaves them)")
+    p.add_argument("--probe-images", type=int, default=10000, help="images per split for the probe")
+    p.add_argument("--probe-layer", type=int, default=-1, help="features after this many blocks (-1: all + norm)")
     return p
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    if len(args.inputs) > 2:
-        sys.exit("error: give at most two inputs: SAMPLES REF")
+    if len(args.inputs) > 2 or (not args.inputs and not args.probe):
+        sys.exit("error: give SAMPLES REF, one input with --save-stats, or --probe CKPT")
     try:
         main(args)
     except (ValueError, FileNotFoundError, OSError) as e:

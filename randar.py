@@ -3,9 +3,9 @@
 Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Orders", CVPR 2025.
 The network is a LLaMA-style GPT (as in LlamaGen). What makes it RandAR is one extra input: before
 each image token the model sees a *position instruction* token PI(p), a learned vector rotated by
-the 2D RoPE of the position p it must predict next (paper §3.2; docs/algorithm.md §3). Trained on
+the 2D RoPE of the position p it must predict next (docs/algorithm.md §3). Trained on
 random orders, the same weights decode in raster order, random order, several tokens per step with
-a KV cache (paper §3.3), or around known tokens (zero-shot editing, paper §4.4).
+a KV cache (§4-5), or around known tokens (zero-shot editing, §7).
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -93,7 +93,7 @@ PRESETS = {
     # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes.
     "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10,
                          vocab_size=512, block_size=64),
-    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes), paper Table 1.
+    # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes).
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
     "XL": RandARConfig(dim=1280, n_layer=36, n_head=20),
     "XXL": RandARConfig(dim=1536, n_layer=48, n_head=24),
@@ -107,7 +107,7 @@ PRESETS = {
 def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
     """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
 
-    Resolution extrapolation (paper §4.5, NTK-style): with scale < 1 the coordinates of all but
+    Resolution extrapolation (docs/algorithm.md §8, NTK-style): with scale < 1 the coordinates of all but
     the `ntk_boundary` highest frequencies (per half: rows, columns) are multiplied by `scale`
     (interpolated); the highest ones keep the raw coordinate (extrapolated), so fine detail keeps
     the rotation speed it was trained with while the coarse layout stays inside the trained range.
@@ -171,7 +171,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 def guided_logits(logits, groups, scale, spatial_scale=0.0):
     """Classifier-free guidance on rows stacked [cond; uncond] (groups 2) or [cond; uncond; weak]
-    (groups 3, spatial guidance against a copy with half of the context dropped, paper §4.5)."""
+    (groups 3, spatial guidance against a copy with half of the context dropped), docs/algorithm.md §6, §8."""
     if groups == 1:
         return logits
     if groups == 2:
@@ -182,7 +182,7 @@ def guided_logits(logits, groups, scale, spatial_scale=0.0):
 
 
 def decoding_schedule(n_tokens, steps):
-    """Tokens decoded per step for parallel decoding: the reference's cosine rule (paper §3.3).
+    """Tokens decoded per step for parallel decoding: the reference's cosine rule (docs/algorithm.md §5).
 
     steps == -1 or steps >= n_tokens means one token per step. Computed in double precision:
     float32 rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong.
@@ -456,7 +456,7 @@ class RandAR(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    # ---- bi-directional features (paper §4.6, docs/algorithm.md §8) ----------------------------
+    # ---- bi-directional features (docs/algorithm.md §9) -------------------------------------------
 
     @torch.no_grad()
     def features(self, tokens, labels=None, layer=-1, kind="bidirectional"):
@@ -492,7 +492,7 @@ class RandAR(nn.Module):
             return h[:, 2 + 2 * N::2]
         return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
 
-    # ---- generation with a KV cache (paper §3.3, docs/algorithm.md §4-5) ------------------------
+    # ---- generation with a KV cache (docs/algorithm.md §4-7) -------------------------------------
 
     def setup_caches(self, batch, slots, dtype, device):
         """Full-size K/V caches for `batch` rows and `slots` slots, owned by the model until
@@ -545,7 +545,7 @@ class RandAR(nn.Module):
         linear guidance schedule, applied iff end > 1 (as the reference). known: (positions [B, K],
         tokens [B, K]) fed teacher-forced first and returned unchanged (inpainting / outpainting).
         grid: generate grid x grid tokens with the NTK-mixed RoPE table (resolution extrapolation,
-        paper §4.5); spatial_cfg_scale: (start, end) of the guidance against a copy with half of the
+        docs/algorithm.md §8); spatial_cfg_scale: (start, end) of the guidance against a copy with half of the
         known tokens dropped, used iff both ends > 1. compile: decode steps padded to one shape and
         run through torch.compile (CUDA graphs on GPU). callback(step, logits [B, n, V] after
         guidance, tokens [B, n]) is called after each step, while the caches hold every fed item.
@@ -558,7 +558,7 @@ class RandAR(nn.Module):
         N, labels = grid * grid, self.check_labels(labels)
         self._check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)
         rope = self.rope
-        if grid != self.config.grid:  # low frequencies interpolated by exactly g/G (docs/algorithm.md §7)
+        if grid != self.config.grid:  # low frequencies interpolated by exactly g/G (docs/algorithm.md §8)
             rope = rope_table_2d(grid, self.config.dim // self.config.n_head, self.config.rope_base,
                                  scale=self.config.grid / grid, ntk_boundary=ntk_boundary).to(rope.device)
         positions, canvas, is_known = self._known_canvas(known, labels.size(0), N)
@@ -603,7 +603,7 @@ class RandAR(nn.Module):
         return positions, canvas, is_known
 
     def _generation_order(self, order, positions, is_known, N, generator):
-        """Known positions first, as given (paper §4.4), then the unknown ones in the requested order."""
+        """Known positions first, as given (docs/algorithm.md §7), then the unknown ones in the requested order."""
         B, K = positions.shape
         if not isinstance(order, str):
             order = self.make_order(order, B, N)
@@ -782,7 +782,8 @@ def load_model(path, config=None, preset=None):
             what = "a tokenizer checkpoint" if "encoder.conv_in.weight" in ckpt.get("model", {}) else "another file"
             raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
                              f"(or an official .safetensors)")
-        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt["model"]
+        # train.py's EMA weights when it kept them (for sampling), else the trained weights
+        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt.get("ema", ckpt["model"])
         extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
     model = RandAR(cfg)
     try:

@@ -12,7 +12,7 @@
         --vq-ckpt vq_ds16_c2i.pt --per-class 50 --cfg 1,4 --steps 88 --out-npz samples.npz   # 50k images for FID
 
 Everything generated goes through one function, RandAR.generate (randar.py): the order, the number
-of steps and the known tokens (editing, paper §4.4) are its arguments.
+of steps and the known tokens (editing, docs/algorithm.md §7) are its arguments.
 """
 import argparse
 import itertools
@@ -133,7 +133,7 @@ def compare(model, vq, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding, animated: one GIF frame per step, undecoded tokens grey (paper Fig. 1 in motion).
+# Decoding, animated: one GIF frame per step, undecoded tokens grey .
 
 def animate(model, vq, args):
     N, grid_size, down = model.config.block_size, model.config.grid, vq.config.downsample
@@ -182,7 +182,7 @@ def write_gif(movies, path, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Zero-shot editing (paper §4.4): known tokens are a teacher-forced prefix.
+# Zero-shot editing (docs/algorithm.md §7): known tokens are a teacher-forced prefix.
 
 def load_image(path, size, channels):
     try:
@@ -250,7 +250,7 @@ def edit(model, vq, args):
 
 
 def extrapolate(model, vq, args):
-    """Zero-shot resolution extrapolation (paper §4.5): a factor-times larger token grid.
+    """Zero-shot resolution extrapolation (docs/algorithm.md §8): a factor-times larger token grid.
 
     First an ordinary sample at the training grid g (in --order, --steps); its tokens become the
     known tokens at positions (f*r, f*c) of the G = f*g grid; the rest is generated in random order

@@ -2,7 +2,7 @@
 
     python -m pytest -q test_randar.py
 
-The reference's golden outputs live in fixtures/ (see docs/algorithm.md §9): a clone checks itself.
+The reference's golden outputs live in fixtures/ (see docs/algorithm.md §11): a clone checks itself.
 """
 import hashlib
 import http.server
@@ -152,6 +152,25 @@ def test_spatial_guidance_zeroes_exactly_half_of_the_context_embeddings():
     assert x_zero[:, 1::2].abs().max() == 0 and x_tok0[:, 1::2].abs().max() > 0
 
 
+def test_bidirectional_features_see_every_token_and_causal_ones_only_the_past():
+    model = random_gpt(seed=14)
+    tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    changed = {}
+    for kind in ("bidirectional", "causal"):
+        base = model.features(tokens, kind=kind)
+        assert base.shape == (2, 16, 64)
+        for p in (0, 7, 15):
+            other = tokens.clone()
+            other[:, p] = (other[:, p] + 1) % 32
+            changed[kind, p] = (model.features(other, kind=kind) - base).abs().amax(dim=(0, 2)) > 1e-4  # [16]
+    for p in (0, 7, 15):
+        assert changed["bidirectional", p].all()  # every position's feature saw the changed token
+        assert changed["causal", p][p:].all() and not changed["causal", p][:p].any()  # only later ones did
+    # The label is an input too: null class by default, so the features are not told the answer.
+    assert not torch.equal(model.features(tokens), model.features(tokens, labels=torch.tensor([3, 3])))
+    assert torch.equal(model.features(tokens), model.features(tokens, labels=torch.tensor([10, 10])))
+
+
 # ---- model: fast paths against the slow computation ---------------------------------------------
 
 def teacher_forced_kv(model, tokens, labels, order):
@@ -192,7 +211,7 @@ def test_cached_decoding_equals_teacher_forcing(steps, cfg_scale):
         n = logits.size(1)
         if n == 1 or steps == 16:
             assert (logits - slow[:, done:done + n]).abs().max() < 1e-4
-        else:  # later queries of a parallel step see PI tokens, not image tokens (paper §3.3): only the first matches
+        else:  # later queries of a parallel step see PI tokens, not image tokens (docs/algorithm.md §4): only the first matches
             assert (logits[:, 0] - slow[:, done]).abs().max() < 1e-4
         done += n
     assert done == 16 and len(seen) == len(decoding_schedule(16, steps))
@@ -969,6 +988,21 @@ def test_bench_runs_on_a_preset_without_checkpoint():
     assert len(rows) == 2 * 5 and "eager random, parallel 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
     for batch, name, ms, images_s, step_ms, floor_ms, speedup in rows:
         assert float(ms) > 0 and float(floor_ms) > 0 and abs(float(ms) * float(images_s) - 1000) < 0.05 * 1000
+
+
+def test_linear_probe_command(tiny_run):
+    r = run("eval_fid.py", "--probe", os.path.join(tiny_run, "last.pt"), "--probe-images", 32)
+    assert r.returncode == 0, r.stderr[-2000:]
+    accuracies = [float(l.split(": ")[1].split("%")[0]) for l in r.stdout.splitlines() if l.startswith("linear probe")]
+    assert len(accuracies) == 3 and all(0 <= a <= 100 for a in accuracies)
+
+
+def test_linear_probe_separates_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g, dtype=torch.float64)
+    y = (x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0], dtype=torch.float64) > 0).long()
+    assert eval_fid.linear_probe(x[:500], y[:500], x[500:], y[500:]) > 0.95
+    assert eval_fid.linear_probe(x[:500], y[:500].flip(0), x[500:], y[500:]) < 0.7  # labels unrelated to x
 
 
 def test_llamagen_style_file_without_config_loads_as_vq16(tmp_path):

@@ -5,12 +5,13 @@
         --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 400000
 
 With no tokenizer checkpoint in --out-dir, the small tokenizer is trained first; the dataset is
-encoded to tokens once (cached in --out-dir); then RandAR trains in random order (SPEC §3),
+encoded to tokens once (cached in --out-dir); then RandAR trains in random order (docs/algorithm.md §3),
 writing a sample grid (one row per class), validation loss, metrics and checkpoints. Re-running the
 same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel is used
 (gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -171,6 +172,9 @@ def main(args):
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
     torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
     model = RandAR(cfg).to(device)
+    # Exponential moving average of the weights, for sampling and validation: averaging the last few hundred
+    # steps' weights removes much of the optimizer's noise, which a short run is full of.
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm weights
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -188,6 +192,8 @@ def main(args):
         if RandARConfig.from_dict(ckpt["config"]) != cfg:
             raise ValueError(f"{resume} was trained with another config; use a new --out-dir")
         model.load_state_dict(ckpt["model"], strict=True)
+        if args.ema:
+            ema.load_state_dict(ckpt["ema"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]
         if is_main:
@@ -223,6 +229,7 @@ def main(args):
         if not is_main:
             return
         ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps, "total_steps": args.steps,
                               "min_lr_ratio": args.min_lr_ratio},
                 "config": asdict(cfg), "rng": rngs, "rank_param_checksums": checks,
@@ -264,6 +271,9 @@ def main(args):
                 raise FloatingPointError(f"non-finite loss ({loss_avg}) at step {step + 1}; {last_good}")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            if ema is not None:  # decay ramps up (1+t)/(10+t) so the average does not hold on to the init
+                d = min(args.ema, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - d)
             opt.zero_grad(set_to_none=True)
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             tokens_seen += global_batch * n_tokens
@@ -278,13 +288,13 @@ def main(args):
                     metrics.flush()
                     t_last, tokens_seen = now, 0
             if step % args.eval_every == 0 or step == args.steps:
-                val = validation_loss(raw_model, data["test"], args, device, ctx)
+                val = validation_loss(ema or raw_model, data["test"], args, device, ctx)
                 if is_main:
                     metrics.write(json.dumps({"step": step, "val_loss": val}) + "\n")
                     metrics.flush()
                     bar.write(f"step {step}: val loss {val:.4f} nats/token")
             if is_main and (step % args.sample_every == 0 or step == args.steps):
-                sample_grid(raw_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
+                sample_grid(ema or raw_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
             barrier()
@@ -318,6 +328,7 @@ def get_parser():
     p.add_argument("--warmup-steps", type=tok.non_negative_int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the sampling weights (0: off)")
     p.add_argument("--dropout", type=float, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=float, default=None, help="override label dropout (CFG)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
