@@ -177,6 +177,9 @@ def load_inception(path=None, device="cpu"):
                 torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=os.path.basename(path)[-12:-4])
             except RuntimeError as e:  # hash mismatch: the partial file is already gone
                 raise ValueError(f"Inception weights download failed: {e}") from None
+            except OSError as e:  # offline, refused, ...
+                raise OSError(f"cannot download the Inception weights from {WEIGHTS_URL} ({getattr(e, 'reason', e)}); "
+                              f"fetch the file elsewhere and pass --inception PATH") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found: {path}")
     named_hash = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))

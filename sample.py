@@ -1,4 +1,4 @@
-"""Sample from a trained RandAR: any order, parallel decoding, zero-shot editing, animations, a benchmark.
+r"""Sample from a trained RandAR: any order, parallel decoding, zero-shot editing, animations, a benchmark.
 
     python sample.py                                   # grid from runs/demo/last.pt, one row per class
     python sample.py grid --steps 22 --cfg 1,3         # parallel decoding: 22 steps instead of 64
@@ -429,7 +429,7 @@ def get_parser():
         s.add_argument("--device", default="auto")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
-        s.add_argument("--cfg", type=number_pair, default=(1.0, 2.0), help="START,END of the linear CFG schedule")
+        s.add_argument("--cfg", type=number_pair, default=(1.0, 3.0), help="START,END of the linear CFG schedule")
         if name == "bench":
             s.add_argument("--bench-batch", type=positive_int, default=32)
             s.add_argument("--repeats", type=positive_int, default=3)

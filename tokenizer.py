@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 
@@ -319,10 +320,13 @@ def download(url, dest, md5):
         if digest.hexdigest() != md5:
             raise ValueError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
         os.replace(tmp, dest)
-    except Exception:
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot download {os.path.basename(dest)} from {url} ({e.reason}); pass --data-dir DIR "
+                      f"holding the four Fashion-MNIST IDX .gz files, or install the Debian package "
+                      f"dataset-fashion-mnist") from None
+    finally:  # nothing half-written survives
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def read_idx(path):

@@ -1,4 +1,4 @@
-"""Train RandAR on pre-extracted VQ tokens: one command from nothing to samples.
+r"""Train RandAR on pre-extracted VQ tokens: one command from nothing to samples.
 
     python train.py                                   # Fashion-MNIST demo on a laptop CPU
     torchrun --nproc_per_node=8 train.py --preset L --data /path/to/imagenet --image-size 256 \
@@ -154,7 +154,12 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # Everything that can fail before the expensive stages is checked first.
     os.makedirs(args.out_dir, exist_ok=True)
+    if not os.access(args.out_dir, os.W_OK):
+        raise PermissionError(f"--out-dir {args.out_dir} is not writable")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
     global_batch = args.batch_size * world * args.grad_accum
     if is_main:
         print(f"RandAR '{args.preset}' on {args.data}, order={args.order}, {args.steps} steps, global batch "
@@ -201,7 +206,7 @@ def main(args):
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, dynamic=False) if args.compile else model
     vq = tok.load_tokenizer(vq_path, device) if is_main else None
 
     sampler = torch.utils.data.DistributedSampler(range(len(train_tokens)), num_replicas=world, rank=rank,
@@ -293,7 +298,7 @@ def main(args):
                     metrics.write(json.dumps({"step": step, "val_loss": val}) + "\n")
                     metrics.flush()
                     bar.write(f"step {step}: val loss {val:.4f} nats/token")
-            if is_main and (step % args.sample_every == 0 or step == args.steps):
+            if is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
                 sample_grid(ema or raw_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
@@ -319,27 +324,27 @@ def get_parser():
     p.add_argument("--limit", type=tok.non_negative_int, default=0, help="use only the first N images of each split")
     p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
-    p.add_argument("--tokenizer-steps", type=tok.positive_int, default=1000)
-    p.add_argument("--steps", type=tok.positive_int, default=800)
+    p.add_argument("--tokenizer-steps", type=tok.positive_int, default=600)
+    p.add_argument("--steps", type=tok.positive_int, default=1200)
     p.add_argument("--batch-size", type=tok.positive_int, default=64, help="per rank and micro-step")
     p.add_argument("--grad-accum", type=tok.positive_int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=tok.non_negative_int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the sampling weights (0: off)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampling weights (0: off)")
     p.add_argument("--dropout", type=float, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=float, default=None, help="override label dropout (CFG)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=tok.positive_int, default=10)
-    p.add_argument("--eval-every", type=tok.positive_int, default=200)
+    p.add_argument("--eval-every", type=tok.positive_int, default=400)
     p.add_argument("--val-limit", type=tok.positive_int, default=2000, help="held-out images used for the validation loss")
-    p.add_argument("--sample-every", type=tok.positive_int, default=400)
+    p.add_argument("--sample-every", type=tok.non_negative_int, default=0, help="0: only at the end")
     p.add_argument("--samples-per-class", type=tok.positive_int, default=10)
-    p.add_argument("--cfg", type=float, default=2.0, help="CFG scale at the end of the linear schedule (samples)")
+    p.add_argument("--cfg", type=float, default=3.0, help="CFG scale at the end of the linear schedule (samples)")
     p.add_argument("--ckpt-every", type=tok.positive_int, default=200)
     p.add_argument("--keep", type=tok.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
     return p
