@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import tokenizer as tok
 from tokenizer import save_atomic_npz
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -416,16 +417,16 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tok.ArgumentParser(description=__doc__)
     p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
     p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
     p.add_argument("--json", default=None, help="also write the metrics here")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=tok.positive_int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--probe", default=None, metavar="CKPT", help="instead: linear-probe RandAR features (token "
                    "files beside CKPT, as train.py leaves them)")
-    p.add_argument("--probe-images", type=int, default=10000, help="images per split for the probe")
+    p.add_argument("--probe-images", type=tok.positive_int, default=10000, help="images per split for the probe")
     p.add_argument("--probe-layer", type=int, default=-1, help="features after this many blocks (-1: all + norm)")
     return p
 

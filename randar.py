@@ -682,7 +682,8 @@ def load_torch_file(path, what):
         reason = "refused: it contains code or objects" if "Weights only load failed" in str(e) else "not a checkpoint"
         raise ValueError(f"{path} is not a {what} ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        raise ValueError(f"{path} is not a {what} (truncated or not a torch file: {str(e).splitlines()[0][:80]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+        raise ValueError(f"{path} is not a {what} (truncated or not a torch file: {reason})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a {what} (holds a {type(obj).__name__}, not a dict)")
     return obj

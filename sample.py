@@ -373,6 +373,9 @@ def setup(args):
 
 
 def main(args):
+    for out in (getattr(args, "out", None), getattr(args, "out_npz", None)):  # before any work, not after
+        if out and os.path.isdir(out):
+            raise IsADirectoryError(f"output {out} is a directory, expected a file name")
     setup(args)
     torch.manual_seed(args.seed)
     try:
@@ -391,13 +394,6 @@ def main(args):
 
 
 # ---- command line: every flag belongs to the commands that use it -------------------------------
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def number_pair(text):
     try:
@@ -418,7 +414,7 @@ COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", 
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tok.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         s = sub.add_parser(name)
@@ -431,23 +427,23 @@ def get_parser():
         s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
         s.add_argument("--cfg", type=number_pair, default=(1.0, 3.0), help="START,END of the linear CFG schedule")
         if name == "bench":
-            s.add_argument("--bench-batch", type=positive_int, default=32)
-            s.add_argument("--repeats", type=positive_int, default=3)
+            s.add_argument("--bench-batch", type=tok.positive_int, default=32)
+            s.add_argument("--repeats", type=tok.positive_int, default=3)
             continue
         s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
         s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")
-        s.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of figures (nearest)")
+        s.add_argument("--scale", type=tok.positive_int, default=4, help="pixel upscaling of figures (nearest)")
         s.add_argument("--temperature", type=float, default=1.0)
         s.add_argument("--top-k", type=int, default=0)
         s.add_argument("--top-p", type=float, default=1.0)
-        s.add_argument("--batch-size", type=positive_int, default=100, help="images per generate() call")
+        s.add_argument("--batch-size", type=tok.positive_int, default=100, help="images per generate() call")
         if name in ("grid", "inpaint", "outpaint", "extrapolate"):
             s.add_argument("--order", default="random", choices=["random", "raster"])
-            s.add_argument("--steps", type=positive_int, default=None, help="decoding steps; fewer than N = parallel")
+            s.add_argument("--steps", type=tok.positive_int, default=None, help="decoding steps; fewer than N = parallel")
         if name in ("grid", "extrapolate"):  # (not --num: torchrun would take it for its --numa-binding)
-            s.add_argument("--per-class", type=positive_int, default=8, help="images per class")
+            s.add_argument("--per-class", type=tok.positive_int, default=8, help="images per class")
         if name in ("inpaint", "outpaint"):
-            s.add_argument("--results", type=positive_int, default=6, help="edited images to generate")
+            s.add_argument("--results", type=tok.positive_int, default=6, help="edited images to generate")
         if name in ("grid", "compare", "extrapolate"):
             s.add_argument("--classes", type=class_list, default=None, help="comma list (default: all)")
         if name == "grid":
@@ -462,10 +458,10 @@ def get_parser():
         if name == "outpaint":
             s.add_argument("--sides", default="right", type=lambda t: t.split(","),
                            help="comma list of left,right,top,bottom")
-            s.add_argument("--extend", type=positive_int, default=8, help="pixels to generate on each new side")
+            s.add_argument("--extend", type=tok.positive_int, default=8, help="pixels to generate on each new side")
         if name == "extrapolate":
-            s.add_argument("--factor", type=positive_int, default=2, help="generate at this many times the training grid")
-            s.add_argument("--extrapolate-steps", type=positive_int, default=None, help="steps for the new tokens")
+            s.add_argument("--factor", type=tok.positive_int, default=2, help="generate at this many times the training grid")
+            s.add_argument("--extrapolate-steps", type=tok.positive_int, default=None, help="steps for the new tokens")
             s.add_argument("--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
             s.add_argument("--ntk-boundary", type=int, default=2,
                            help="highest RoPE frequencies that keep raw coordinates (reference: 2)")

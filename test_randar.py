@@ -24,6 +24,7 @@ import eval_fid
 import randar
 import sample
 import tokenizer as tok
+import train
 from randar import (RandAR, RandARConfig, apply_rope, decoding_schedule, feed_plan, filter_logits, guided_logits,
                     rope_table_2d, sampling_probs)
 
@@ -537,7 +538,7 @@ def test_tokenizer_cli_errors(tmp_path):
     cases = [
         (["train", "--data-dir", tmp_path / "nowhere"], "not found"),
         (["train", "--data", empty, "--out-dir", tmp_path / "o1"], "no images found"),
-        (["encode", "--data", corrupt, "--ckpt", tmp_path / "missing.pt"], "not found"),
+        (["eval", "--data", corrupt, "--ckpt", tmp_path / "missing.pt"], "not found"),
         (["train", "--data", good, "--image-size", 30, "--out-dir", tmp_path / "o2"], "not divisible"),
     ]
     for argv, msg in cases:
@@ -549,11 +550,11 @@ def test_tokenizer_cli_errors(tmp_path):
     model = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "in_channels": 3}))
     ckpt = str(tmp_path / "tok.pt")
     torch.save({"model": model.state_dict(), "config": tok.asdict(model.config)}, ckpt)
-    r = run("tokenizer.py", "encode", "--data", corrupt, "--ckpt", ckpt, "--out", tmp_path / "t.pt")
-    assert r.returncode != 0 and "broken.png" in r.stderr and not os.path.exists(tmp_path / "t.pt")
+    r = run("tokenizer.py", "eval", "--data", corrupt, "--ckpt", ckpt)
+    assert r.returncode != 0 and "broken.png" in r.stderr and "Traceback" not in r.stderr
     torch.save({"model": model.state_dict(), "config": {**tok.asdict(model.config), "ch": 32}}, ckpt)
-    r = run("tokenizer.py", "encode", "--data", good, "--ckpt", ckpt, "--out", tmp_path / "t.pt")
-    assert r.returncode != 0 and "do not match" in r.stderr and not os.path.exists(tmp_path / "t.pt")
+    r = run("tokenizer.py", "eval", "--data", good, "--ckpt", ckpt)
+    assert r.returncode != 0 and "do not match" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- train.py ----------------------------------------------------------------------------------
@@ -567,7 +568,7 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     vq_path = os.path.join(path, "tokenizer.pt")
     torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, vq_path)
     for split, n in (("train", n_train), ("test", n_test)):
-        source = tok.encode_source(vq_path, "fashion-mnist", split, 32, 0, False)  # what train.py's defaults ask for
+        source = train.encode_source(vq_path, "fashion-mnist", split, 32, 0, False)  # what train.py's defaults ask for
         torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
                     "num_classes": 10, "vocab_size": 32, "tokenizer": vq_path, "source": source},
                    os.path.join(path, f"tokens_{split}.pt"))
@@ -599,11 +600,26 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = weights(one), weights(two)
     assert len(b["rank_param_checksums"]) == 2 and b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
-    assert b["args"]["batch_size"] * 2 == a["args"]["batch_size"]
     for k in a["model"]:
         assert (a["model"][k] - b["model"][k]).abs().max() < 1e-5, k
     loss = [[json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (one, two)]
     assert len(loss[0]) == 4 and np.allclose(loss[0], loss[1], atol=1e-5)
+
+
+def kill_when(cmd, condition):
+    """Start cmd, SIGKILL it as soon as condition() holds; True if it was killed (not finished first)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not condition():
+        time.sleep(0.002)
+    proc.kill()
+    return proc.wait() == -signal.SIGKILL
+
+
+def assert_same_weights(a, b):
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
@@ -611,34 +627,54 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     args = ["--steps", 120, "--ckpt-every", 10, "--keep", 0]  # random order and dropout: RNG state matters
     assert run("train.py", *tiny_train_args(straight, *args)).returncode == 0
     cmd = [sys.executable, os.path.join(HERE, "train.py"), *map(str, tiny_train_args(killed, *args))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(killed, "metrics.jsonl")
-    while proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert kill_when(cmd, lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25)
     assert weights(killed)["step"] < 120
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
-    a, b = weights(straight), weights(killed)
-    assert a["step"] == b["step"] == 120
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_weights(weights(straight), weights(killed))
 
 
-def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    path = str(tmp_path / "last.pt")
-    tok.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+def test_resume_is_exact_after_a_kill_at_every_stage(tmp_path):
+    """Kills between and inside the stages (tokenizer, encoding, first checkpoint, training): the rerun of
+    the same command ends with the weights of an uninterrupted run, bit for bit."""
+    def command(out):
+        return [sys.executable, os.path.join(HERE, "train.py"), "--out-dir", str(out), "--limit", "256",
+                "--tokenizer-steps", "12", "--steps", "8", "--batch-size", "16", "--preset", "tiny", "--val-limit", "32",
+                "--ckpt-every", "2", "--eval-every", "4", "--samples-per-class", "1", "--log-every", "1", "--keep", "0"]
+    straight = tmp_path / "straight"
+    assert subprocess.run(command(straight), capture_output=True).returncode == 0
+    stages = {"after the tokenizer": lambda d: (d / "tokenizer.pt").exists(),
+              "during encoding": lambda d: (d / "tokens_train.pt").exists(),
+              "before the first checkpoint": lambda d: (d / "tokens_test.pt").exists(),
+              "during training": lambda d: (d / "metrics.jsonl").exists() and len((d / "metrics.jsonl").read_text()) > 200}
+    for name, reached in stages.items():
+        out = tmp_path / name.replace(" ", "_")
+        assert kill_when(command(out), lambda: reached(out)), f"finished before the kill {name}"
+        r = subprocess.run(command(out), capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        assert_same_weights(weights(straight), weights(out))
 
-    def dying_save(obj, f):  # writes half a file, then the process "dies"
-        open(f, "wb").write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(tok.torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        tok.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
+    """A real SIGKILL in the middle of writing last.pt: the old file stays loadable, and the next run of
+    train.py in the folder removes the dead process's temporary file."""
+    out = synthetic_run_dir(tmp_path / "run")
+    assert run("train.py", *tiny_train_args(out, "--steps", 2)).returncode == 0
+    before = weights(out)
+    writer = ("import torch, tokenizer; big = {'model': torch.randn(64, 1 << 20)}; "  # 256 MB: a long write
+              f"tokenizer.save_atomic(big, {os.path.join(out, 'last.pt')!r})")
+    cmd = [sys.executable, "-c", writer]
+    temporaries = lambda: [f for f in os.listdir(out) if ".tmp" in f]
+    proc = subprocess.Popen(cmd, cwd=HERE)
+    while proc.poll() is None and (not temporaries() or os.path.getsize(os.path.join(out, temporaries()[0])) < (1 << 20)):
+        time.sleep(0.001)  # wait until it is mid-write
+    proc.kill()
+    proc.wait()
+    assert temporaries(), "the kill landed outside a write"
+    assert weights(out)["step"] == before["step"]  # still the old, complete file
+    r = run("train.py", *tiny_train_args(out, "--steps", 2))
+    assert r.returncode == 0 and not temporaries(), r.stderr[-2000:]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -646,8 +682,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert run("train.py", *tiny_train_args(out, "--steps", 4, "--ckpt-every", 2)).returncode == 0
     before = open(os.path.join(out, "last.pt"), "rb").read()
     r = run("train.py", *tiny_train_args(out, "--steps", 8, "--ckpt-every", 2, "--lr", "inf"))
-    assert r.returncode != 0 and "non-finite loss" in r.stderr and "step 6" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "non-finite loss" in r.stderr and "by step 6" in r.stderr, r.stderr[-2000:]
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
+
+
+def test_token_cache_made_with_another_tokenizer_is_refused(tmp_path):
+    out = synthetic_run_dir(tmp_path / "run")
+    other = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "codebook_size": 32}))  # new random weights
+    torch.save({"model": other.state_dict(), "config": tok.asdict(other.config)}, os.path.join(out, "tokenizer.pt"))
+    r = run("train.py", *tiny_train_args(out, "--steps", 2))
+    assert r.returncode != 0 and "was encoded from" in r.stderr and "'tokenizer'" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(os.path.join(out, "last.pt"))
 
 
 def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
@@ -979,6 +1024,63 @@ def test_sample_cli_errors(tiny_run, tmp_path):
                 "--out", out)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
         assert not out.exists()
+
+
+class Hostile:
+    """Pickles to a call of os.system: a loader that ran it would create the file PWNED."""
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
+def test_every_bad_file_and_argument_is_one_clear_line(tiny_run, tmp_path):
+    """command -> expected fragment: exit status != 0, one line, no traceback, nothing new written, no code run."""
+    ckpt, vq = os.path.join(tiny_run, "last.pt"), os.path.join(tiny_run, "tokenizer.pt")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good_bytes = open(ckpt, "rb").read()
+    (bad / "truncated.pt").write_bytes(good_bytes[:len(good_bytes) // 2])
+    (bad / "empty.pt").write_bytes(b"")
+    torch.save({"model": Hostile()}, bad / "hostile.pt")
+    (bad / "truncated.npz").write_bytes(open(os.path.join(FIXTURES, "randar_tiny_official.safetensors"), "rb").read()[:500])
+    (bad / "random.safetensors").write_bytes(os.urandom(64))
+    (bad / "nested.yaml").write_text("ar_model:\n  params:\n    n_layer:\n      - 2\n")
+    np.savez(bad / "ok.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    sample_out = ["--out", tmp_path / "out" / "x.png"]
+    cases = [
+        (["sample.py", "grid", "--ckpt", bad / "truncated.pt", *sample_out], "truncated.pt is not a RandAR checkpoint (truncated"),
+        (["sample.py", "grid", "--ckpt", bad / "empty.pt", *sample_out], "empty.pt is not a RandAR checkpoint"),
+        (["sample.py", "grid", "--ckpt", bad / "hostile.pt", *sample_out], "refused: it contains code"),
+        (["sample.py", "grid", "--ckpt", vq, *sample_out], "is a tokenizer checkpoint, expected a RandAR"),
+        (["sample.py", "grid", "--ckpt", ckpt, "--vq-ckpt", bad / "hostile.pt", *sample_out], "refused: it contains code"),
+        (["sample.py", "grid", "--ckpt", ckpt, "--vq-ckpt", ckpt, *sample_out], "is a RandAR checkpoint, expected a tokenizer"),
+        (["sample.py", "grid", "--ckpt", bad / "random.safetensors", "--preset", "tiny", *sample_out], "not a valid .safetensors"),
+        (["sample.py", "grid", "--ckpt", os.path.join(FIXTURES, "randar_tiny_official.safetensors"), *sample_out], "--config"),
+        (["sample.py", "grid", "--ckpt", os.path.join(FIXTURES, "randar_tiny_official.safetensors"), "--config",
+          bad / "nested.yaml", *sample_out], "nested value"),
+        (["sample.py", "grid", "--ckpt", ckpt, "--out", tmp_path], "is a directory"),
+        (["sample.py", "grid", "--ckpt", ckpt, "--out-npz", tmp_path], "is a directory"),
+        (["tokenizer.py", "eval", "--ckpt", bad / "hostile.pt"], "refused: it contains code"),
+        (["tokenizer.py", "eval", "--ckpt", bad / "truncated.pt"], "truncated"),
+        (["tokenizer.py", "train", "--limit", -1], "--limit"),
+        (["tokenizer.py", "train", "--image-size", 0], "--image-size"),
+        (["train.py", "--out-dir", tiny_run, "--resume", bad / "hostile.pt"], "refused: it contains code"),
+        (["train.py", "--out-dir", tmp_path / "new", "--resume", bad / "missing.pt"], "--resume checkpoint not found"),
+        (["train.py", "--out-dir", tmp_path / "new", "--batch-size", 0], "--batch-size"),
+        (["train.py", "--out-dir", tmp_path / "new", "--grad-accum", 0], "--grad-accum"),
+        (["train.py", "--out-dir", tmp_path / "new", "--ckpt-every", 0], "--ckpt-every"),
+        (["train.py", "--out-dir", tmp_path / "new", "--steps", -5], "--steps"),
+        (["eval_fid.py", bad / "truncated.npz", bad / "ok.npz"], "truncated.npz is not a readable .npz"),
+        (["eval_fid.py", bad / "ok.npz", bad / "ok.npz", "--inception", bad / "hostile.pt"], "hostile.pt"),
+    ]
+    for argv, fragment in cases:
+        before = sorted(os.listdir(tiny_run))
+        r = run(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and fragment in r.stderr and len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert sorted(os.listdir(tiny_run)) == before and not os.path.exists(tmp_path / "out"), argv
+        assert not os.path.exists(tmp_path / "new" / "tokenizer.pt"), argv  # failed before any work
+    assert not os.path.exists(os.path.join(HERE, "PWNED")) and not os.path.exists("PWNED")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_bench_runs_on_a_preset_without_checkpoint():

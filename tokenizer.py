@@ -563,79 +563,8 @@ def evaluate(model, dataset, batch_size=256):
     return 10 * math.log10(255 ** 2 / (mse / count)), 100.0 * used.float().mean().item()
 
 
-@torch.no_grad()
-def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True):
-    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,)."""
-    views = [[] for _ in range(1 + flip)]
-    labels = []
-    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode",
-                          disable=not show_progress):
-        x = to_pixels(images)
-        for out, view in zip(views, [x, x.flip(-1)]):
-            out.append(model.encode(view).flatten(1))
-        labels.append(torch.as_tensor(y))
-    dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
-    return [torch.cat(v).to(dtype) for v in views], torch.cat(labels)
-
-
-def file_fingerprint(path, block=1 << 20):
-    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(block))
-        f.seek(max(size - block, 0))
-        digest.update(f.read(block))
-    return f"{size}:{digest.hexdigest()[:16]}"
-
-
-def encode_source(ckpt, data, split, image_size, limit, flip):
-    """What a token file was made from; train.py refuses a cache made from something else."""
-    return {"data": data, "split": split, "image_size": image_size, "limit": limit, "flip": flip,
-            "tokenizer": file_fingerprint(ckpt)}
-
-
 def limited(dataset, limit):
     return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-
-
-def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
-                 rank=0, world=1, device="cpu"):
-    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into
-    its own part file; the last rank to finish is not waited for long, and rank 0 joins the parts in
-    order (the result is the same file for any number of ranks). Call on every rank, then barrier,
-    then `join_parts` on rank 0."""
-    model = load_tokenizer(ckpt, device)
-    dataset, num_classes = open_dataset(data, split, data_dir, image_size)
-    dataset = limited(dataset, limit)
-    check_fits(model.config, dataset)
-    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
-    views, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), flip,
-                                   show_progress=rank == 0)
-    header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
-              "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
-    if world == 1:
-        save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
-    else:
-        save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
-
-
-def join_parts(out, world):
-    """Rank 0, after every rank's encode_split: the part files -> one token file (originals, then flips)."""
-    names = [f"{out}.part{r}of{world}" for r in range(world)]
-    parts = [torch.load(n, weights_only=True) for n in names]
-    labels = torch.cat([p["labels"] for p in parts])
-    views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
-    header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
-    save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
-    for n in names:
-        os.remove(n)
-
-
-def encode_cmd(args):
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"tokens_{args.split}.pt")
-    encode_split(args.ckpt, args.split, out, args.data, args.data_dir, args.image_size, args.limit, args.flip)
-    print(f"wrote {out}")
 
 
 def evaluate_cmd(args):
@@ -651,22 +580,37 @@ def train_cmd(args):
                     args.batch_size, args.lr, args.flip, args.reinit_every, args.image_every, args.seed)
 
 
-def non_negative_int(text):
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return int(text)
+# ---- command-line helpers shared by every script ---------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line naming it (no usage dump), exit status 2."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        sys.exit(f"error: {self.prog.split()[-1] if ' ' in self.prog else self.prog}: {message}")
 
 
-def positive_int(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
+def int_at_least(low):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return check
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("train", "encode", "eval"):
+    for name in ("train", "eval"):
         s = sub.add_parser(name)
         s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
         s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
@@ -684,10 +628,7 @@ def get_parser():
             s.add_argument("--seed", type=int, default=0)
         else:
             s.add_argument("--ckpt", default="runs/demo/tokenizer.pt")
-            s.add_argument("--split", default="train" if name == "encode" else "test", choices=["train", "test"])
-            if name == "encode":
-                s.add_argument("--flip", action="store_true", help="also encode horizontally flipped copies")
-                s.add_argument("--out", default=None, help="default: tokens_<split>.pt beside the checkpoint")
+            s.add_argument("--split", default="test", choices=["train", "test"])
     return p
 
 
@@ -696,6 +637,6 @@ if __name__ == "__main__":
     if "OMP_NUM_THREADS" not in os.environ:  # respect a thread count the user set
         torch.set_num_threads(os.cpu_count() or 1)
     try:
-        {"train": train_cmd, "encode": encode_cmd, "eval": evaluate_cmd}[args.command](args)
+        {"train": train_cmd, "eval": evaluate_cmd}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")

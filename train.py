@@ -12,9 +12,11 @@ same command resumes exactly where it stopped. Under torchrun, DistributedDataPa
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -70,7 +72,7 @@ def learning_rate(step, args):
 
 def prepare_tokens(args, rank, world):
     """Tokenizer checkpoint (trained here if missing, on rank 0) and the cached token files of both splits,
-    each encoded by all ranks together (tokenizer.encode_split) and refused if made from other inputs."""
+    each encoded by all ranks together (encode_split) and refused if made from other inputs."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
     data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
@@ -83,18 +85,86 @@ def prepare_tokens(args, rank, world):
     for split, path in files.items():
         flip = args.flip and split == "train"
         if not os.path.exists(path):
-            tok.encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, **data)
+            encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, **data)
             barrier()
             if rank == 0 and world > 1:
-                tok.join_parts(path, world)
+                join_parts(path, world)
             barrier()
         cache = randar.load_torch_file(path, "token file")
-        wanted = tok.encode_source(ckpt, split=split, flip=flip, **{k: v for k, v in data.items() if k != "data_dir"})
+        wanted = encode_source(ckpt, split=split, flip=flip, **{k: v for k, v in data.items() if k != "data_dir"})
         if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
             raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
                              f"another --out-dir")
         caches[split] = cache
     return ckpt, caches
+
+
+# ----------------------------------------------------------------------------------------------
+# The token cache: every image encoded once, split over the ranks.
+
+@torch.no_grad()
+def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True):
+    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,)."""
+    views = [[] for _ in range(1 + flip)]
+    labels = []
+    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode",
+                          disable=not show_progress):
+        x = tok.to_pixels(images)
+        for out, view in zip(views, [x, x.flip(-1)]):
+            out.append(model.encode(view).flatten(1))
+        labels.append(torch.as_tensor(y))
+    dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
+    return [torch.cat(v).to(dtype) for v in views], torch.cat(labels)
+
+
+def file_fingerprint(path, block=1 << 20):
+    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(block))
+        f.seek(max(size - block, 0))
+        digest.update(f.read(block))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def encode_source(ckpt, data, split, image_size, limit, flip):
+    """What a token file was made from; train.py refuses a cache made from something else."""
+    return {"data": data, "split": split, "image_size": image_size, "limit": limit, "flip": flip,
+            "tokenizer": file_fingerprint(ckpt)}
+
+
+def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
+                 rank=0, world=1, device="cpu"):
+    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into
+    its own part file; the last rank to finish is not waited for long, and rank 0 joins the parts in
+    order (the result is the same file for any number of ranks). Call on every rank, then barrier,
+    then `join_parts` on rank 0."""
+    model = tok.load_tokenizer(ckpt, device)
+    dataset, num_classes = tok.open_dataset(data, split, data_dir, image_size)
+    dataset = tok.limited(dataset, limit)
+    tok.check_fits(model.config, dataset)
+    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
+    views, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), flip,
+                                   show_progress=rank == 0)
+    header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
+              "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
+    if world == 1:
+        tok.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    else:
+        tok.save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
+
+
+def join_parts(out, world):
+    """Rank 0, after every rank's encode_split: the part files -> one token file (originals, then flips)."""
+    names = [f"{out}.part{r}of{world}" for r in range(world)]
+    parts = [torch.load(n, weights_only=True) for n in names]
+    labels = torch.cat([p["labels"] for p in parts])
+    views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
+    header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
+    tok.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    for n in names:
+        os.remove(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +228,17 @@ def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f"--out-dir {args.out_dir} is not writable")
+    last = os.path.join(args.out_dir, "last.pt")
+    resume = args.resume or (last if os.path.exists(last) else None)  # an explicit --resume, else last.pt
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+    ckpt = randar.load_torch_file(resume, "RandAR checkpoint") if resume else None
+    if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
+        raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from it)")
+    if is_main:  # a process killed mid-write leaves its temporary file behind; the finished file is intact
+        for name in os.listdir(args.out_dir):
+            if re.search(r"\.tmp\d+(\.\w+)?$", name):
+                os.remove(os.path.join(args.out_dir, name))
     global_batch = args.batch_size * world * args.grad_accum
     if is_main:
         print(f"RandAR '{args.preset}' on {args.data}, order={args.order}, {args.steps} steps, global batch "
@@ -186,18 +265,14 @@ def main(args):
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
 
-    # Resume: an explicit --resume, else last.pt in the output folder.
     step, epoch, batch_in_epoch = 0, 0, 0
-    last = os.path.join(args.out_dir, "last.pt")
-    resume = args.resume or (last if os.path.exists(last) else None)
     if resume:
-        if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume checkpoint not found: {resume}")
-        ckpt = randar.load_torch_file(resume, "RandAR checkpoint")
         if RandARConfig.from_dict(ckpt["config"]) != cfg:
             raise ValueError(f"{resume} was trained with another config; use a new --out-dir")
         model.load_state_dict(ckpt["model"], strict=True)
         if args.ema:
+            if "ema" not in ckpt:
+                raise ValueError(f"{resume} holds no EMA weights; resume with --ema 0")
             ema.load_state_dict(ckpt["ema"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]
@@ -216,7 +291,8 @@ def main(args):
         raise ValueError(f"{len(train_tokens)} training images are fewer than one global batch ({global_batch})")
     metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
     bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
-    t_last, tokens_seen = time.time(), 0
+    t_last, window_steps = time.time(), 0
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed over the current log window
 
     def gather(obj):  # one object per rank, in rank order
         objs = [obj] * world
@@ -260,7 +336,6 @@ def main(args):
             lr = learning_rate(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
             for micro in range(args.grad_accum):
                 start = (batch_in_epoch * args.grad_accum + micro) * args.batch_size
                 idx = torch.tensor(indices[start:start + args.batch_size])
@@ -269,29 +344,32 @@ def main(args):
                 with (nullcontext() if sync else model.no_sync()), ctx:
                     _, loss = train_model(x, y, order=args.order)
                 (loss / args.grad_accum).backward()
-                loss_sum += loss.item() / args.grad_accum
-            loss_avg, = all_mean([loss_sum], device)
-            if not math.isfinite(loss_avg):
-                last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
-                raise FloatingPointError(f"non-finite loss ({loss_avg}) at step {step + 1}; {last_good}")
+                window_loss += loss.detach().double() / args.grad_accum  # stays on the device: no sync per step
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             if ema is not None:  # decay ramps up (1+t)/(10+t) so the average does not hold on to the init
                 d = min(args.ema, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - d)
             opt.zero_grad(set_to_none=True)
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            tokens_seen += global_batch * n_tokens
-            if is_main:
-                now = time.time()
-                tok_s = tokens_seen / max(now - t_last, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                if step % args.log_every == 0:
+            step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
+            # The host reads the loss only here: at log steps, and before every checkpoint (never save NaNs).
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+                loss_avg, = all_mean([window_loss.item() / window_steps], device)
+                if not math.isfinite(loss_avg):
+                    last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
+                    raise FloatingPointError(f"non-finite loss ({loss_avg}) by step {step} (checked every "
+                                             f"--log-every steps); {last_good}")
+                if is_main:
+                    now = time.time()
+                    tok_s = window_steps * global_batch * n_tokens / max(now - t_last, 1e-9)
+                    bar.update(window_steps)
+                    bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                     metrics.write(json.dumps({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
                                               "tokens_per_s": tok_s, "time": now}) + "\n")
                     metrics.flush()
-                    t_last, tokens_seen = now, 0
+                    t_last = now
+                window_loss.zero_()
+                window_steps = 0
             if step % args.eval_every == 0 or step == args.steps:
                 val = validation_loss(ema or raw_model, data["test"], args, device, ctx)
                 if is_main:
@@ -313,7 +391,7 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tok.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--preset", default="demo", choices=PRESETS)
     p.add_argument("--order", default="random", choices=["random", "raster"],
