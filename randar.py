@@ -721,48 +721,39 @@ def read_safetensors(path):
 
 
 def read_official_yaml(path):
-    """The flat `key: value` lines under `ar_model:` / `params:` of a RandAR YAML config -> dict."""
-    params, in_model, params_depth = {}, False, None  # params_depth: indentation inside the params block
+    """The flat `key: value` lines of the `ar_model:` / `params:` block of a RandAR YAML config -> dict."""
+    params, section, block = {}, None, None  # block: indentation of `params:` while inside it
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].rstrip()
-        if not line.strip():
-            continue
+        lines = [line.split("#", 1)[0].rstrip() for line in f]
+    for lineno, line in enumerate(lines, 1):
         depth = len(line) - len(line.lstrip())
-        key, sep, value = (part.strip() for part in line.strip().partition(":"))
-        if not sep:
-            raise ValueError(f"{path}:{lineno}: expected 'key: value', got {raw.strip()!r}")
-        if depth == 0:
-            in_model, params_depth = key == "ar_model", None
-        elif in_model and key == "params" and not value:
-            params_depth = 0  # the next deeper line fixes the block's indentation
-        elif params_depth is not None and depth > 0:
-            params_depth = params_depth or depth
-            if depth < params_depth:  # a sibling of params: the block is over
-                params_depth = None
-            elif depth > params_depth or not value:
+        key, sep, value = (part.strip() for part in line.partition(":"))
+        if not line or not sep:
+            if line:
+                raise ValueError(f"{path}:{lineno}: expected 'key: value', got {line.strip()!r}")
+        elif depth == 0:
+            section, block = key, None
+        elif block is not None and depth > block:
+            if not value:
                 raise ValueError(f"{path}:{lineno}: nested value under ar_model.params ({key!r}) is not supported")
-            else:
-                params[key] = yaml_scalar(value)
+            params[key] = yaml_scalar(value)
+        else:
+            block = depth if section == "ar_model" and key == "params" and not value else None
     if not params:
         raise ValueError(f"{path} has no ar_model.params block of 'key: value' lines")
     return params
 
 
 def yaml_scalar(text):
-    if text in ("True", "true"):
-        return True
-    if text in ("False", "false"):
-        return False
-    if text in ("None", "null", "~"):
-        return None
+    constants = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None, "~": None}
+    if text in constants:
+        return constants[text]
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    if text[:1] in "[{&*!|>":
+    if text[0] in "[{&*!|>":
         raise ValueError(f"unsupported YAML value {text!r} (only plain scalars are read)")
     return text.strip("'\"")
 

@@ -403,7 +403,7 @@ def get_parser():
     p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
     p.add_argument("--tokenizer-steps", type=tok.positive_int, default=600)
-    p.add_argument("--steps", type=tok.positive_int, default=1200)
+    p.add_argument("--steps", type=tok.positive_int, default=1000)
     p.add_argument("--batch-size", type=tok.positive_int, default=64, help="per rank and micro-step")
     p.add_argument("--grad-accum", type=tok.positive_int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
