@@ -8,7 +8,6 @@ The network is Inception-v3 as TensorFlow's FID code uses it (the layout and wei
 to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits for the Inception
 Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
-import argparse
 import hashlib
 import json
 import os

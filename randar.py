@@ -471,7 +471,7 @@ class RandAR(nn.Module):
         (-1: after all blocks and the final norm, what the output head reads).
         """
         B, N = tokens.shape
-        if kind not in ("bidirectional", "causal", "echo") or tokens.shape[1] != self.config.block_size:
+        if kind not in ("bidirectional", "causal") or tokens.shape[1] != self.config.block_size:
             raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
                              f"got {kind!r} and {tuple(tokens.shape)}")
         labels = torch.full((B,), self.config.num_classes, device=tokens.device) if labels is None \
@@ -483,14 +483,9 @@ class RandAR(nn.Module):
         if kind == "bidirectional":
             x.append(self.position_instructions(order, self.rope))  # second pass: PI(0) ... PI(N-1)
             rope.append(self.rope[order + 1])
-        if kind == "echo":
-            x.append(pairs)
-            rope.append(pair_rope)
         h = self._transformer(torch.cat(x, 1), torch.cat(rope, 1), n_layers=None if layer == -1 else layer)
         if layer == -1:
             h = self.norm(h)
-        if kind == "echo":
-            return h[:, 2 + 2 * N::2]
         return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
 
     # ---- generation with a KV cache (docs/algorithm.md §4-7) -------------------------------------

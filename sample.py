@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import tokenizer as tok
-from randar import PRESETS, RandAR, decoding_schedule, feed_plan, load_model
+from randar import PRESETS, RandAR, decoding_schedule, load_model
 
 
 def load_run(args):

@@ -25,8 +25,7 @@ import randar
 import sample
 import tokenizer as tok
 import train
-from randar import (RandAR, RandARConfig, apply_rope, decoding_schedule, feed_plan, filter_logits, guided_logits,
-                    rope_table_2d, sampling_probs)
+from randar import (RandAR, RandARConfig, apply_rope, decoding_schedule, feed_plan, filter_logits, rope_table_2d, sampling_probs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")

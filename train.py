@@ -10,7 +10,6 @@ writing a sample grid (one row per class), validation loss, metrics and checkpoi
 same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel is used
 (gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
 """
-import argparse
 import copy
 import hashlib
 import json
