@@ -1025,6 +1025,18 @@ def test_sample_cli_errors(tiny_run, tmp_path):
         assert not out.exists()
 
 
+def test_sample_runs_on_the_official_checkpoint_format(tiny_run, tmp_path):
+    """A user's command on released-format weights (.safetensors + YAML), with a tokenizer of the same vocabulary."""
+    official = ["--ckpt", os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
+                "--config", os.path.join(FIXTURES, "randar_tiny_official.yaml"), "--vq-ckpt", os.path.join(tiny_run, "tokenizer.pt")]
+    r = run("sample.py", "grid", *official, "--per-class", 2, "--steps", 6, "--out", tmp_path / "g.png",
+            "--out-npz", tmp_path / "g.npz")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.load(tmp_path / "g.npz")["arr_0"].shape == (20, 16, 16, 1)
+    r = run("sample.py", "bench", *official[:4], "--bench-batch", 2, "--repeats", 1)
+    assert r.returncode == 0 and "64-wide, 2 layers" in r.stdout, r.stderr[-2000:]
+
+
 class Hostile:
     """Pickles to a call of os.system: a loader that ran it would create the file PWNED."""
     def __reduce__(self):
