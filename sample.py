@@ -105,12 +105,14 @@ def grid(model, vq, args):
 
 
 def gather_in_chunk_order(parts, chunks, args):
-    """Rank 0 gets every chunk's images, ordered by chunk index (the same for any number of ranks)."""
-    mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    """Rank 0 gets every chunk's images, ordered by chunk index (the same for any number of ranks);
+    the other ranks send theirs and keep nothing (None)."""
     if args.world == 1:
-        return mine
-    everyone = [None] * args.world
-    dist.all_gather_object(everyone, (list(chunks), [p.numpy() for p in parts]))
+        return torch.cat(parts)
+    everyone = [None] * args.world if args.rank == 0 else None
+    dist.gather_object((list(chunks), [p.numpy() for p in parts]), everyone, dst=0)
+    if args.rank != 0:
+        return None
     by_chunk = {c: torch.from_numpy(p) for cs, ps in everyone for c, p in zip(cs, ps)}
     return torch.cat([by_chunk[c] for c in sorted(by_chunk)])
 
