@@ -172,14 +172,9 @@ def write_gif(movies, path, scale):
         for i, (name, _) in enumerate(movies):
             draw.text((i * width + 3, 1), name, fill=(0, 0, 0))
         frames.append(labelled)
-    tmp = tok.temp_path(path)
-    try:
-        durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
+    tok.write_atomic(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                duration=durations, loop=0), path)
     print(f"wrote {path} ({len(frames)} frames)")
 
 
