@@ -512,6 +512,43 @@ def test_download_checks_md5_and_removes_partial_file(tmp_path):
         server.shutdown()
 
 
+def refusing_url():
+    """http://127.0.0.1:PORT/ where nothing listens: every download is refused, as on an offline machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_offline_downloads_name_the_way_out(tmp_path, monkeypatch):
+    data_dir = tmp_path / "fashion"
+    data_dir.mkdir()
+    with pytest.raises(OSError, match="--data-dir .* dataset-fashion-mnist"):
+        tok.fashion_mnist("test", str(data_dir), url=refusing_url())
+    monkeypatch.setattr(eval_fid, "WEIGHTS_URL", refusing_url() + "pt_inception-2015-12-05-6726825d.pth")
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(OSError, match="pass --inception PATH"):
+            eval_fid.load_inception()
+    finally:
+        torch.hub.set_dir(hub)
+    assert os.listdir(data_dir) == [] and not any(files for _, _, files in os.walk(tmp_path / "hub"))
+
+
+def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # run-to-run differences come from multi-threaded reductions
+    try:
+        runs = [torch.load(tok.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64,
+                                               reinit_every=5, image_every=100), weights_only=True)["model"]
+                for r in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def write_images(folder, n=4, size=(40, 36)):
     for c in ("cat", "dog"):
         os.makedirs(os.path.join(folder, c), exist_ok=True)

@@ -218,7 +218,9 @@ class VectorQuantizer(nn.Module):
         codes = self.codebook()
         dist = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
         idx = dist.argmin(dim=1)  # first index on ties
-        z_q = codes[idx]
+        # F.embedding, not codes[idx]: on CPU the backward of indexing accumulates with threads in a
+        # varying order (last-bit differences between runs); the embedding backward is deterministic
+        z_q = F.embedding(idx, codes)
         losses = {}
         if self.training:
             losses["vq"] = (z_q - z.detach()).pow(2).mean()
