@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import tokenizer as tok
-from tokenizer import save_atomic_npz
+import common
+from common import save_atomic_npz
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -358,19 +358,47 @@ def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4):
 
 
 @torch.no_grad()
+def token_features(model, tokens, labels=None, layer=-1, kind="bidirectional"):
+    """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout).
+
+    'bidirectional': a first pass feeds the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)]
+    (raster order), a second pass feeds PI(p) for every position p again; the second pass's hidden
+    state at PI(p) has attended to every image token and is tied to position p. 'causal': one
+    raster pass read at E(t_p), which has seen only tokens 0..p. labels None -> the null class
+    (the features are not told the answer). layer: hidden states after that many blocks
+    (-1: after all blocks and the final norm, what the output head reads).
+    """
+    B, N = tokens.shape
+    if kind not in ("bidirectional", "causal") or N != model.config.block_size:
+        raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {model.config.block_size}], "
+                         f"got {kind!r} and {tuple(tokens.shape)}")
+    labels = torch.full((B,), model.config.num_classes, device=tokens.device) if labels is None \
+        else model.check_labels(labels, allow_null=True)
+    order, rope = torch.arange(N, device=tokens.device).expand(B, N), model.rope
+    pairs, pair_rope = model.pairs(order, tokens, rope)
+    x, rows = [model.cls_embedding(labels)[:, None], pairs], [rope[:1].expand(B, 1, -1, -1), pair_rope]
+    if kind == "bidirectional":
+        x.append(model.position_instructions(order, rope))  # second pass: PI(0) ... PI(N-1)
+        rows.append(rope[order + 1])
+    h = model.transformer(torch.cat(x, 1), torch.cat(rows, 1), n_layers=None if layer == -1 else layer)
+    if layer == -1:
+        h = model.norm(h)
+    return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
+
+
+@torch.no_grad()
 def probe(args):
     """Accuracy of a linear classifier on mean-pooled bi-directional and causal features, and on a bag
     of codebook indices, for the token files train.py wrote beside the checkpoint."""
-    import randar
-    model = randar.load_model(args.probe)[0].to(args.device)
+    model = common.load_model(args.probe)[0].to(args.device)
     folder = os.path.dirname(args.probe)
-    splits = {s: randar.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
+    splits = {s: common.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
     data = {s: (d["tokens"][:args.probe_images].long(), d["labels"][:args.probe_images]) for s, d in splits.items()}
     vocab = model.config.vocab_size
     bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
     results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
     for kind in ("bidirectional", "causal"):
-        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
+        feats = {s: torch.cat([token_features(model, t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
                                .mean(1).double().cpu() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
                  for s, (t, _) in data.items()}
         results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
@@ -416,16 +444,16 @@ def main(args):
 
 
 def get_parser():
-    p = tok.ArgumentParser(description=__doc__)
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
     p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
     p.add_argument("--json", default=None, help="also write the metrics here")
-    p.add_argument("--batch-size", type=tok.positive_int, default=50)
+    p.add_argument("--batch-size", type=common.positive_int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--probe", default=None, metavar="CKPT", help="instead: linear-probe RandAR features (token "
                    "files beside CKPT, as train.py leaves them)")
-    p.add_argument("--probe-images", type=tok.positive_int, default=10000, help="images per split for the probe")
+    p.add_argument("--probe-images", type=common.positive_int, default=10000, help="images per split for the probe")
     p.add_argument("--probe-layer", type=int, default=-1, help="features after this many blocks (-1: all + norm)")
     return p
 
@@ -434,7 +462,4 @@ if __name__ == "__main__":
     args = get_parser().parse_args()
     if len(args.inputs) > 2 or (not args.inputs and not args.probe):
         sys.exit("error: give SAMPLES REF, one input with --save-stats, or --probe CKPT")
-    try:
-        main(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
+    common.run(main, args)

@@ -1,11 +1,11 @@
 """RandAR: a decoder-only autoregressive image model that generates VQ tokens in any order.
 
 Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Orders", CVPR 2025.
-The network is a LLaMA-style GPT (as in LlamaGen). What makes it RandAR is one extra input: before
-each image token the model sees a *position instruction* token PI(p), a learned vector rotated by
-the 2D RoPE of the position p it must predict next (docs/algorithm.md §3). Trained on
-random orders, the same weights decode in raster order, random order, several tokens per step with
-a KV cache (§4-5), or around known tokens (zero-shot editing, §7).
+The network is a LLaMA-style GPT (as in LlamaGen). What makes it RandAR is one extra input: before each
+image token the model sees a *position instruction* token PI(p), a learned vector rotated by the 2D RoPE
+of the position p it must predict next (docs/algorithm.md §3). Trained on random orders, the same weights
+decode in raster or random order, several tokens per step with a KV cache (§4-5), or around known
+tokens (zero-shot editing, §7).
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -20,10 +20,7 @@ Usage:
     logits, loss = model(tokens, labels, order="random")                  # training
     tokens = model.generate(labels, steps=16, cfg_scale=(1.0, 3.0))        # [B, N], raster layout
 """
-import json
 import math
-import os
-import pickle
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -69,9 +66,9 @@ class RandARConfig:
                   ("block_size", self.block_size >= 1 and math.isqrt(self.block_size) ** 2 == self.block_size)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"RandARConfig.{name}={getattr(self, name)!r} is invalid (n_head={self.n_head}: "
-                                 f"the head dim dim/n_head must be a multiple of 4, n_kv_head must divide n_head, "
-                                 f"block_size must be a square, counts positive, cls_token_num 1)")
+                raise ValueError(f"RandARConfig.{name}={getattr(self, name)!r} is invalid (n_head={self.n_head}: head "
+                                 f"dim dim/n_head a multiple of 4, n_kv_head dividing n_head, block_size a square, "
+                                 f"counts positive, cls_token_num 1)")
 
     @classmethod
     def from_dict(cls, d):
@@ -151,8 +148,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens ranked before it already cover p; the top-1 always stays
-        drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
-        drop_sorted[..., 1:] = cum[..., :-1] > top_p
+        drop_sorted = torch.cat([torch.zeros_like(cum[..., :1], dtype=torch.bool), cum[..., :-1] > top_p], dim=-1)
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -184,10 +180,8 @@ def guided_logits(logits, groups, scale, spatial_scale=0.0):
 
 def decoding_schedule(n_tokens, steps):
     """Tokens decoded per step for parallel decoding: the reference's cosine rule (docs/algorithm.md §5).
-
-    steps == -1 or steps >= n_tokens means one token per step. Computed in double precision:
-    float32 rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong.
-    """
+    steps == -1 or steps >= n_tokens: one token per step. In double precision: float32 rounds
+    cos(pi/3) differently and the (16, 6) schedule comes out wrong."""
     if steps == -1 or steps >= n_tokens:
         return [1] * n_tokens
     if steps < 1:
@@ -203,7 +197,6 @@ def decoding_schedule(n_tokens, steps):
 
 def feed_plan(schedule, known, trash_slot=None, device=None):
     """What every decode step after the prefill feeds, as index tensors built once before the loop.
-
     A step that sampled n tokens at generation indices q..q+n-1, followed by a step of m queries,
     feeds [E(q), PI(q+1), E(q+1), ..., E(q+n-1), PI(q+n), ..., PI(q+n+m-1)] at slots 2q+2, 2q+3, ...
     (docs/algorithm.md §4): the 2nd..n-th queries, fed last step at temporary slots, are rewritten at
@@ -243,12 +236,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Per-layer key/value slots (B, H, S, hd), allocated once at full size, written by index.
-
-    Parallel decoding writes several slots per step and later overwrites some of them, which index
-    writes handle with no special case. Non-persistent buffers: never in the state dict.
-    """
-
+    """Per-layer key/value slots (B, H, S, hd), allocated once at full size and written by index (parallel
+    decoding rewrites some slots: no special case). Non-persistent buffers, never in the state dict."""
     def __init__(self, batch, heads, slots, head_dim, dtype, device):
         super().__init__()
         shape = (batch, heads, slots, head_dim)
@@ -265,9 +254,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.dim // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.dim // cfg.n_head
         self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
@@ -283,11 +270,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         if slots is not None:  # decoding: write this feed's slots, attend over the whole cache
             k, v = self.kv_cache.update(slots, k, v)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slots is None, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slots is None, dropout_p=dropout,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # grouped-query attention
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -298,8 +283,7 @@ class FeedForward(nn.Module):
         if cfg.ffn_dim_multiplier is not None:
             hidden = int(cfg.ffn_dim_multiplier * hidden)
         hidden = cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
 
@@ -310,10 +294,8 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, drop_path):
         super().__init__()
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention, self.feed_forward = Attention(cfg), FeedForward(cfg)
+        self.attention_norm, self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path = drop_path
 
     def _drop_path(self, x):
@@ -349,6 +331,19 @@ def as_index_tensor(value, name, device):
     return t.long()
 
 
+def check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cfg_scale):
+    for name, value in (("steps", steps), ("grid", grid)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if temperature <= 0 and top_k != 1:
+        raise ValueError(f"temperature must be > 0 when sampling (top_k != 1), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    for name, pair in (("cfg_scale", cfg_scale), ("spatial_cfg_scale", spatial_cfg_scale)):
+        if pair is not None and (len(pair) != 2 or not all(isinstance(s, (int, float)) for s in pair)):
+            raise ValueError(f"{name} must be a (start, end) pair of numbers, got {pair!r}")
+
+
 class RandAR(nn.Module):
     def __init__(self, cfg: RandARConfig):
         super().__init__()
@@ -361,8 +356,7 @@ class RandAR(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base),
-                             persistent=False)
+        self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base), persistent=False)
         self.compiled_step = None  # torch.compile(self.decode_step), made on the first generate(compile=True)
         self.reset_parameters()
 
@@ -371,9 +365,7 @@ class RandAR(nn.Module):
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+                nn.init.normal_(m.weight, std=std)  # RMSNorm weights start at one
         nn.init.normal_(self.pos_instruct_embeddings, std=std)
         nn.init.zeros_(self.output.weight)
 
@@ -396,14 +388,12 @@ class RandAR(nn.Module):
         x = torch.stack([self.position_instructions(positions, rope), img], dim=2).reshape(B, 2 * T, img.size(-1))
         return x, rope[positions.repeat_interleave(2, dim=1) + 1]  # both tokens of a pair sit at p_j
 
-    def _transformer(self, x, rope, slots=None, n_layers=None):
+    def transformer(self, x, rope, slots=None, n_layers=None):
         """Hidden states of all fed items. slots None: plain causal attention over x (training).
         slots [T]: decoding, each item writes its K/V to the caches of setup_caches at its slot and
         attends to every cache slot up to its own."""
-        mask = None
-        if slots is not None:
-            S = self.layers[0].attention.kv_cache.k.size(2)
-            mask = torch.arange(S, device=x.device)[None, :] <= slots[:, None]  # (T, S)
+        mask = None if slots is None else \
+            torch.arange(self.layers[0].attention.kv_cache.k.size(2), device=x.device) <= slots[:, None]  # (T, S)
         for layer in self.layers[:n_layers]:
             x = layer(x, rope, slots, mask)
         return x
@@ -434,16 +424,14 @@ class RandAR(nn.Module):
         if labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= top):
-            raise ValueError(f"labels must lie in [0, {top}), got {labels.tolist()}")
+            bad = labels[(labels < 0) | (labels >= top)]
+            raise ValueError(f"labels must lie in [0, {top}), got {bad[:4].tolist()}")
         return labels
 
     def forward(self, tokens, labels, order=None):
-        """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B].
-
-        Returns logits [B, N, V] in generation order (row k predicts t[order[k]]) and the mean
-        cross-entropy over all N predictions, read at the PI slots 1, 3, 5, ...
-        Label num_classes (the null class) is allowed here: it gives the unconditional model.
-        """
+        """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B] (the null class
+        num_classes allowed: the unconditional model). Returns logits [B, N, V] in generation order (row k
+        predicts t[order[k]]) and the mean cross-entropy over all N predictions, read at the PI slots 1, 3, ..."""
         labels = self.check_labels(labels, allow_null=True)
         B, N = labels.size(0), self.config.block_size
         if tokens.shape != (B, N):
@@ -453,40 +441,9 @@ class RandAR(nn.Module):
         pairs, pair_rope = self.pairs(order, targets, self.rope)
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs], dim=1)  # [B, 1 + 2N, D]
         rope = torch.cat([self.rope[:1].expand(B, 1, -1, -1), pair_rope], dim=1)
-        logits = self.head(self._transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
+        logits = self.head(self.transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
-
-    # ---- bi-directional features (docs/algorithm.md §9) -------------------------------------------
-
-    @torch.no_grad()
-    def features(self, tokens, labels=None, layer=-1, kind="bidirectional"):
-        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout).
-
-        'bidirectional': a first pass feeds the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)]
-        (raster order), a second pass feeds PI(p) for every position p again; the second pass's hidden
-        state at PI(p) has attended to every image token and is tied to position p. 'causal': one
-        raster pass read at E(t_p), which has seen only tokens 0..p. labels None -> the null class
-        (the features are not told the answer). layer: hidden states after that many blocks
-        (-1: after all blocks and the final norm, what the output head reads).
-        """
-        B, N = tokens.shape
-        if kind not in ("bidirectional", "causal") or tokens.shape[1] != self.config.block_size:
-            raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
-                             f"got {kind!r} and {tuple(tokens.shape)}")
-        labels = torch.full((B,), self.config.num_classes, device=tokens.device) if labels is None \
-            else self.check_labels(labels, allow_null=True)
-        order = torch.arange(N, device=tokens.device).expand(B, N)
-        pairs, pair_rope = self.pairs(order, tokens, self.rope)
-        x = [self.cls_embedding(labels)[:, None], pairs]
-        rope = [self.rope[:1].expand(B, 1, -1, -1), pair_rope]
-        if kind == "bidirectional":
-            x.append(self.position_instructions(order, self.rope))  # second pass: PI(0) ... PI(N-1)
-            rope.append(self.rope[order + 1])
-        h = self._transformer(torch.cat(x, 1), torch.cat(rope, 1), n_layers=None if layer == -1 else layer)
-        if layer == -1:
-            h = self.norm(h)
-        return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
 
     # ---- generation with a KV cache (docs/algorithm.md §4-7) -------------------------------------
 
@@ -494,9 +451,8 @@ class RandAR(nn.Module):
         """Full-size K/V caches for `batch` rows and `slots` slots, owned by the model until
         free_caches(). Kept across generate() calls of the same size, so a compiled decode step
         (CUDA graphs) keeps reading the same memory; every slot read in a call is written first."""
-        cache = self.layers[0].attention.kv_cache
-        if cache is not None and cache.k.shape[:1] + cache.k.shape[2:3] == (batch, slots) \
-                and cache.k.dtype == dtype and cache.k.device == torch.device(device):
+        old = self.layers[0].attention.kv_cache
+        if old is not None and old.k.shape[::2] == (batch, slots) and (old.k.dtype, old.k.device) == (dtype, device):
             return
         hd = self.config.dim // self.config.n_head
         for layer in self.layers:
@@ -509,17 +465,15 @@ class RandAR(nn.Module):
 
     def prefill(self, rope, labels, order, known_tokens, n_queries, keep=None):
         """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_m-1)] at slots 0...
-
         known_tokens [B, K] are the first K tokens of `order` (K may be 0); the last n_queries fed
-        items are the PIs of the first unknown positions. Returns their logits [B, n_queries, V].
-        """
+        items are the PIs of the first unknown positions. Returns their logits [B, n_queries, V]."""
         B, K = known_tokens.shape
         pairs, pair_rope = self.pairs(order[:, :K], known_tokens, rope, keep)
         queries = order[:, K:K + n_queries]
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs, self.position_instructions(queries, rope)], 1)
         rows = torch.cat([rope[:1].expand(B, 1, -1, -1), pair_rope, rope[queries + 1]], 1)
         slots = torch.arange(x.size(1), device=x.device)
-        return self.head(self._transformer(x, rows, slots)[:, -n_queries:])
+        return self.head(self.transformer(x, rows, slots)[:, -n_queries:])
 
     def decode_step(self, rope, order, generated, gen_index, is_pi, slots, queries):
         """One decode step from feed_plan's tensors; generated [B, N] holds the tokens in generation
@@ -528,7 +482,7 @@ class RandAR(nn.Module):
         positions = order[:, gen_index]  # (B, L) raster position each fed item belongs to
         x = torch.where(is_pi[:, None], self.position_instructions(positions, rope),
                         self.tok_embeddings(generated[:, gen_index]))
-        return self.head(self._transformer(x, rope[positions + 1], slots)[:, queries])
+        return self.head(self.transformer(x, rope[positions + 1], slots)[:, queries])
 
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), temperature=1.0, top_k=0,
@@ -536,23 +490,17 @@ class RandAR(nn.Module):
                  ntk_boundary=2, compile=False):
         """Sample [B, N] tokens (raster layout) for class labels [B].
 
-        order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None: one token per
-        step; fewer: parallel decoding with the cosine schedule). cfg_scale: (start, end) of the
-        linear guidance schedule, applied iff end > 1 (as the reference). known: (positions [B, K],
-        tokens [B, K]) fed teacher-forced first and returned unchanged (inpainting / outpainting).
-        grid: generate grid x grid tokens with the NTK-mixed RoPE table (resolution extrapolation,
-        docs/algorithm.md §8); spatial_cfg_scale: (start, end) of the guidance against a copy with half of the
-        known tokens dropped, used iff both ends > 1. compile: decode steps padded to one shape and
-        run through torch.compile (CUDA graphs on GPU). callback(step, logits [B, n, V] after
-        guidance, tokens [B, n]) is called after each step, while the caches hold every fed item.
+        order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None: one token per step;
+        fewer: parallel decoding, cosine schedule). cfg_scale: (start, end) of the linear guidance schedule,
+        applied iff end > 1 (as the reference). known: (positions [B, K], tokens [B, K]) fed teacher-forced
+        first, returned unchanged (editing). grid: grid x grid tokens with the NTK-mixed RoPE (resolution
+        extrapolation, docs/algorithm.md §8); spatial_cfg_scale: (start, end) of guidance against a copy
+        with half the known tokens dropped, used iff both ends > 1. compile: steps padded to one shape,
+        run through torch.compile. callback(step, logits [B, n, V] after guidance, tokens [B, n]).
         """
+        check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)
         grid = self.config.grid if grid is None else grid
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive integer, got {grid!r}")
         N, labels = grid * grid, self.check_labels(labels)
-        self._check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)
         rope = self.rope
         if grid != self.config.grid:  # low frequencies interpolated by exactly g/G (docs/algorithm.md §8)
             rope = rope_table_2d(grid, self.config.dim // self.config.n_head, self.config.rope_base,
@@ -568,24 +516,14 @@ class RandAR(nn.Module):
                            (temperature, top_k, top_p, generator), callback, compile)
         return torch.empty_like(out).scatter_(1, order, out)  # back to raster layout
 
-    @staticmethod
-    def _check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg_scale):
-        if temperature <= 0 and top_k != 1:
-            raise ValueError(f"temperature must be > 0 when sampling (top_k != 1), got {temperature}")
-        if top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-        for name, pair in (("cfg_scale", cfg_scale), ("spatial_cfg_scale", spatial_cfg_scale)):
-            if pair is not None and (len(pair) != 2 or not all(isinstance(s, (int, float)) for s in pair)):
-                raise ValueError(f"{name} must be a (start, end) pair of numbers, got {pair!r}")
-
     def _known_canvas(self, known, B, N):
         """known (positions [B, K], tokens [B, K]) -> positions, canvas [B, N] (raster), is_known [B, N]."""
         dev = self.rope.device
         canvas = torch.zeros(B, N, dtype=torch.long, device=dev)
-        is_known = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        is_known = torch.zeros_like(canvas, dtype=torch.bool)
         if known is None:
-            return torch.zeros(B, 0, dtype=torch.long, device=dev), canvas, is_known
-        positions, tokens = as_index_tensor(known[0], "known positions", dev), as_index_tensor(known[1], "known tokens", dev)
+            return canvas[:, :0], canvas, is_known
+        positions, tokens = (as_index_tensor(t, f"known {w}", dev) for t, w in zip(known, ("positions", "tokens")))
         if positions.shape != tokens.shape or positions.dim() != 2 or positions.size(0) != B:
             raise ValueError(f"known must be (positions [B={B}, K], tokens [B, K]), got shapes "
                              f"{tuple(positions.shape)} and {tuple(tokens.shape)}")
@@ -611,10 +549,10 @@ class RandAR(nn.Module):
         return torch.cat([positions, unknown_first[:, :N - K]], dim=1)
 
     def _guidance_rows(self, labels, prefix, cfg_scale, spatial_cfg_scale, generator):
-        """Row groups stacked along the batch, all decoded in the same order with the same tokens:
-        [cond], CFG [cond; uncond], or spatial CFG [cond; uncond; uncond with half the context's
-        token embeddings zeroed: exactly floor(K/2) per sample, drawn by a permutation] (the reference).
-        Returns (labels [G*B], known-token embedding multipliers [G*B, K] or None, G)."""
+        """Row groups stacked along the batch, decoded in one order with the same tokens: [cond], CFG
+        [cond; uncond], or spatial CFG [cond; uncond; uncond with exactly floor(K/2) context token embeddings
+        zeroed per sample, drawn by a permutation] (the reference). Returns (labels [G*B], known-token
+        embedding multipliers [G*B, K] or None, G)."""
         null = torch.full_like(labels, self.config.num_classes)
         if cfg_scale[-1] <= 1:
             return labels, None, 1
@@ -636,12 +574,10 @@ class RandAR(nn.Module):
         # 1 + 2N training slots, plus one trash slot for padded items (compile), rounded up to 8
         self.setup_caches(groups * B, (2 * N + 2 + 7) // 8 * 8, dtype, rope.device)
         plan = feed_plan(schedule, K, 2 * N + 1 if compile else None, rope.device)
-        step_fn = self.decode_step
-        if compile:
-            if self.compiled_step is None:
-                mode = "reduce-overhead" if rope.device.type == "cuda" else None
-                self.compiled_step = torch.compile(self.decode_step, mode=mode, dynamic=False)
-            step_fn = self.compiled_step
+        if compile and self.compiled_step is None:  # made once, reused by later calls (CUDA graphs on GPU)
+            mode = "reduce-overhead" if rope.device.type == "cuda" else None
+            self.compiled_step = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        step_fn = self.compiled_step if compile else self.decode_step
         rows_order, rows_generated = order.repeat(groups, 1), generated.repeat(groups, 1)  # [G*B, N]
         logits = self.prefill(rope, row_labels, rows_order, rows_generated[:, :K], schedule[0], keep)
         done = K
@@ -662,120 +598,3 @@ class RandAR(nn.Module):
                 logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
             done += n
         return generated
-
-
-# ----------------------------------------------------------------------------------------------
-# Files. Every checkpoint is read through load_torch_file (weights_only: no pickled code ever runs),
-# so a truncated, foreign or hostile file is one clear error that names it.
-
-def load_torch_file(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = "refused: it contains code or objects" if "Weights only load failed" in str(e) else "not a checkpoint"
-        raise ValueError(f"{path} is not a {what} ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
-        raise ValueError(f"{path} is not a {what} (truncated or not a torch file: {reason})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a {what} (holds a {type(obj).__name__}, not a dict)")
-    return obj
-
-
-# Released checkpoints: the official `.safetensors` state dict + its YAML config, read without extra
-# dependencies (safetensors: 8-byte little-endian header length, JSON header, raw little-endian data).
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; a malformed file is a ValueError naming it."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-        tensors, base = {}, 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            numel = math.prod(info["shape"])
-            if end - start != numel * dtype.itemsize or base + end > len(data):
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start) if numel else \
-                torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid .safetensors file ({e})") from None
-    return tensors
-
-
-def read_official_yaml(path):
-    """The flat `key: value` lines of the `ar_model:` / `params:` block of a RandAR YAML config -> dict."""
-    params, section, block = {}, None, None  # block: indentation of `params:` while inside it
-    with open(path, encoding="utf-8") as f:
-        lines = [line.split("#", 1)[0].rstrip() for line in f]
-    for lineno, line in enumerate(lines, 1):
-        depth = len(line) - len(line.lstrip())
-        key, sep, value = (part.strip() for part in line.partition(":"))
-        if not line or not sep:
-            if line:
-                raise ValueError(f"{path}:{lineno}: expected 'key: value', got {line.strip()!r}")
-        elif depth == 0:
-            section, block = key, None
-        elif block is not None and depth > block:
-            if not value:
-                raise ValueError(f"{path}:{lineno}: nested value under ar_model.params ({key!r}) is not supported")
-            params[key] = yaml_scalar(value)
-        else:
-            block = depth if section == "ar_model" and key == "params" and not value else None
-    if not params:
-        raise ValueError(f"{path} has no ar_model.params block of 'key: value' lines")
-    return params
-
-
-def yaml_scalar(text):
-    constants = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None, "~": None}
-    if text in constants:
-        return constants[text]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text[0] in "[{&*!|>":
-        raise ValueError(f"unsupported YAML value {text!r} (only plain scalars are read)")
-    return text.strip("'\"")
-
-
-def load_model(path, config=None, preset=None):
-    """RandAR from train.py's checkpoint (config inside) or an official .safetensors state dict (config
-    from the YAML `config` or a preset name) -> (model, the checkpoint's other small entries).
-    Strict load: the parameter names are the reference's."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        if config is None and preset is None:
-            raise ValueError(f"{path} carries no config: pass its YAML (--config) or a preset (--preset)")
-        cfg = RandARConfig.from_dict(read_official_yaml(config)) if config else PRESETS[preset]
-        state, extras = read_safetensors(path), {}
-    else:
-        ckpt = load_torch_file(path, "RandAR checkpoint")
-        if not isinstance(ckpt.get("config"), dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
-            what = "a tokenizer checkpoint" if "encoder.conv_in.weight" in ckpt.get("model", {}) else "another file"
-            raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
-                             f"(or an official .safetensors)")
-        # train.py's EMA weights when it kept them (for sampling), else the trained weights
-        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt.get("ema", ckpt["model"])
-        extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
-    model = RandAR(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config ({str(e).splitlines()[1].strip()})") from None
-    return model.eval(), extras

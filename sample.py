@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import common
 import tokenizer as tok
-from randar import PRESETS, RandAR, decoding_schedule, load_model
+from common import load_model
+from randar import PRESETS, RandAR, decoding_schedule
 
 
 def load_run(args):
@@ -71,7 +73,7 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", first
 
 
 def save_figure(image, path):
-    tok.save_png(image, path)
+    common.save_png(image, path)
     print(f"wrote {path}")
 
 
@@ -98,10 +100,10 @@ def grid(model, vq, args):
     if args.rank != 0:
         return
     if args.out_npz:  # the ADM evaluator's layout: uint8 NHWC images, labels beside them
-        tok.save_atomic_npz(args.out_npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
+        common.save_atomic_npz(args.out_npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
         print(f"wrote {len(images)} images to {args.out_npz}")
     if args.out or not args.out_npz:
-        save_figure(tok.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
+        save_figure(common.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
 
 
 def gather_in_chunk_order(parts, chunks, args):
@@ -130,7 +132,7 @@ def compare(model, vq, args):
             [(f"{s} steps", "random", s) for s in (N // 2, round(N * 88 / 256), N // 4, N // 8)]:
         images.append(generate_batched(model, vq, labels, args, desc=name, order=order, steps=steps)[1])
         names.append(name)
-    save_figure(tok.image_grid(torch.cat(images), nrow=len(labels), row_labels=names, label_width=56,
+    save_figure(common.image_grid(torch.cat(images), nrow=len(labels), row_labels=names, label_width=56,
                                scale=args.scale), args.out or default_out(args))
 
 
@@ -173,7 +175,7 @@ def write_gif(movies, path, scale):
             draw.text((i * width + 3, 1), name, fill=(0, 0, 0))
         frames.append(labelled)
     durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
-    tok.write_atomic(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+    common.write_atomic(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                                 duration=durations, loop=0), path)
     print(f"wrote {path} ({len(frames)} frames)")
 
@@ -240,7 +242,7 @@ def edit(model, vq, args):
     tokens, results = generate_batched(model, vq, labels, args, known=known, desc="editing")
     shown_mask = mask[None].expand_as(image).to(torch.uint8) * 255
     masked_input = torch.where(mask, torch.full_like(canvas, 128), canvas)
-    figure = tok.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3,
+    figure = common.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3,
                             scale=args.scale)
     save_figure(figure, args.out or default_out(args))
     return tokens, known
@@ -263,7 +265,7 @@ def extrapolate(model, vq, args):
                               spatial_cfg_scale=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
-    save_figure(tok.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale), args.out or default_out(args))
+    save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale), args.out or default_out(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,7 +413,7 @@ COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", 
 
 
 def get_parser():
-    p = tok.ArgumentParser(description=__doc__)
+    p = common.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         s = sub.add_parser(name)
@@ -424,23 +426,23 @@ def get_parser():
         s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
         s.add_argument("--cfg", type=number_pair, default=(1.0, 3.0), help="START,END of the linear CFG schedule")
         if name == "bench":
-            s.add_argument("--bench-batch", type=tok.positive_int, default=32)
-            s.add_argument("--repeats", type=tok.positive_int, default=3)
+            s.add_argument("--bench-batch", type=common.positive_int, default=32)
+            s.add_argument("--repeats", type=common.positive_int, default=3)
             continue
         s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
         s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")
-        s.add_argument("--scale", type=tok.positive_int, default=4, help="pixel upscaling of figures (nearest)")
+        s.add_argument("--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
         s.add_argument("--temperature", type=float, default=1.0)
         s.add_argument("--top-k", type=int, default=0)
         s.add_argument("--top-p", type=float, default=1.0)
-        s.add_argument("--batch-size", type=tok.positive_int, default=100, help="images per generate() call")
+        s.add_argument("--batch-size", type=common.positive_int, default=100, help="images per generate() call")
         if name in ("grid", "inpaint", "outpaint", "extrapolate"):
             s.add_argument("--order", default="random", choices=["random", "raster"])
-            s.add_argument("--steps", type=tok.positive_int, default=None, help="decoding steps; fewer than N = parallel")
+            s.add_argument("--steps", type=common.positive_int, default=None, help="decoding steps; fewer than N = parallel")
         if name in ("grid", "extrapolate"):  # (not --num: torchrun would take it for its --numa-binding)
-            s.add_argument("--per-class", type=tok.positive_int, default=8, help="images per class")
+            s.add_argument("--per-class", type=common.positive_int, default=8, help="images per class")
         if name in ("inpaint", "outpaint"):
-            s.add_argument("--results", type=tok.positive_int, default=6, help="edited images to generate")
+            s.add_argument("--results", type=common.positive_int, default=6, help="edited images to generate")
         if name in ("grid", "compare", "extrapolate"):
             s.add_argument("--classes", type=class_list, default=None, help="comma list (default: all)")
         if name == "grid":
@@ -455,10 +457,10 @@ def get_parser():
         if name == "outpaint":
             s.add_argument("--sides", default="right", type=lambda t: t.split(","),
                            help="comma list of left,right,top,bottom")
-            s.add_argument("--extend", type=tok.positive_int, default=8, help="pixels to generate on each new side")
+            s.add_argument("--extend", type=common.positive_int, default=8, help="pixels to generate on each new side")
         if name == "extrapolate":
-            s.add_argument("--factor", type=tok.positive_int, default=2, help="generate at this many times the training grid")
-            s.add_argument("--extrapolate-steps", type=tok.positive_int, default=None, help="steps for the new tokens")
+            s.add_argument("--factor", type=common.positive_int, default=2, help="generate at this many times the training grid")
+            s.add_argument("--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
             s.add_argument("--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
             s.add_argument("--ntk-boundary", type=int, default=2,
                            help="highest RoPE frequencies that keep raw coordinates (reference: 2)")
@@ -479,10 +481,4 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse()
-    if "OMP_NUM_THREADS" not in os.environ:  # respect the thread count torchrun or the user set
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        main(arguments)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
+    common.run(main, parse())

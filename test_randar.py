@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import eval_fid
 import randar
 import sample
@@ -81,7 +82,7 @@ def test_training_forward_matches_reference(fx):
 
 def test_official_safetensors_and_yaml_give_the_reference_logits():
     """The released format (safetensors + YAML), through the loader sample.py uses."""
-    model, _ = randar.load_model(os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
+    model, _ = common.load_model(os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
                                  config=os.path.join(FIXTURES, "randar_tiny_official.yaml"))
     expected = torch.load(os.path.join(FIXTURES, "randar_tiny_official_expected.pt"), weights_only=True)
     logits, _ = model(expected["tokens"], expected["labels"], order=expected["order"])
@@ -157,18 +158,18 @@ def test_bidirectional_features_see_every_token_and_causal_ones_only_the_past():
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     changed = {}
     for kind in ("bidirectional", "causal"):
-        base = model.features(tokens, kind=kind)
+        base = eval_fid.token_features(model, tokens, kind=kind)
         assert base.shape == (2, 16, 64)
         for p in (0, 7, 15):
             other = tokens.clone()
             other[:, p] = (other[:, p] + 1) % 32
-            changed[kind, p] = (model.features(other, kind=kind) - base).abs().amax(dim=(0, 2)) > 1e-4  # [16]
+            changed[kind, p] = (eval_fid.token_features(model, other, kind=kind) - base).abs().amax(dim=(0, 2)) > 1e-4  # [16]
     for p in (0, 7, 15):
         assert changed["bidirectional", p].all()  # every position's feature saw the changed token
         assert changed["causal", p][p:].all() and not changed["causal", p][:p].any()  # only later ones did
     # The label is an input too: null class by default, so the features are not told the answer.
-    assert not torch.equal(model.features(tokens), model.features(tokens, labels=torch.tensor([3, 3])))
-    assert torch.equal(model.features(tokens), model.features(tokens, labels=torch.tensor([10, 10])))
+    assert not torch.equal(eval_fid.token_features(model, tokens), eval_fid.token_features(model, tokens, labels=torch.tensor([3, 3])))
+    assert torch.equal(eval_fid.token_features(model, tokens), eval_fid.token_features(model, tokens, labels=torch.tensor([10, 10])))
 
 
 # ---- model: fast paths against the slow computation ---------------------------------------------
@@ -473,7 +474,7 @@ def test_tokenizer_learns_on_real_fashion_mnist(tmp_path):
         losses.append(loss.item())
         hits += torch.bincount(idx.flatten(), minlength=512)
         if step % 10 == 9:
-            tok.reinit_dead_codes(model, hits, batch)
+            train.reinit_dead_codes(model, hits, batch)
             hits.zero_()
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     psnr, usage = tok.evaluate(model.eval(), torch.utils.data.TensorDataset(images[:256], labels[:256]))
@@ -541,7 +542,7 @@ def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # run-to-run differences come from multi-threaded reductions
     try:
-        runs = [torch.load(tok.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64,
+        runs = [torch.load(train.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64,
                                                reinit_every=5, image_every=100), weights_only=True)["model"]
                 for r in range(2)]
     finally:
@@ -583,12 +584,12 @@ def test_tokenizer_cli_errors(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
     # A corrupt file is named; a checkpoint of another config is refused; nothing is written.
     torch.manual_seed(0)
-    model = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "in_channels": 3}))
+    model = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "in_channels": 3}))
     ckpt = str(tmp_path / "tok.pt")
-    torch.save({"model": model.state_dict(), "config": tok.asdict(model.config)}, ckpt)
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
     r = run("tokenizer.py", "eval", "--data", corrupt, "--ckpt", ckpt)
     assert r.returncode != 0 and "broken.png" in r.stderr and "Traceback" not in r.stderr
-    torch.save({"model": model.state_dict(), "config": {**tok.asdict(model.config), "ch": 32}}, ckpt)
+    torch.save({"model": model.state_dict(), "config": {**asdict(model.config), "ch": 32}}, ckpt)
     r = run("tokenizer.py", "eval", "--data", good, "--ckpt", ckpt)
     assert r.returncode != 0 and "do not match" in r.stderr and "Traceback" not in r.stderr
 
@@ -600,9 +601,9 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     """An output folder with a random demo tokenizer and random token files: train.py skips to RandAR."""
     torch.manual_seed(0)
     os.makedirs(path, exist_ok=True)
-    vq = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "codebook_size": 32}))
+    vq = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "codebook_size": 32}))
     vq_path = os.path.join(path, "tokenizer.pt")
-    torch.save({"model": vq.state_dict(), "config": tok.asdict(vq.config)}, vq_path)
+    torch.save({"model": vq.state_dict(), "config": asdict(vq.config)}, vq_path)
     for split, n in (("train", n_train), ("test", n_test)):
         source = train.encode_source(vq_path, "fashion-mnist", split, 32, 0, False)  # what train.py's defaults ask for
         torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
@@ -698,8 +699,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     out = synthetic_run_dir(tmp_path / "run")
     assert run("train.py", *tiny_train_args(out, "--steps", 2)).returncode == 0
     before = weights(out)
-    writer = ("import torch, tokenizer; big = {'model': torch.randn(64, 1 << 20)}; "  # 256 MB: a long write
-              f"tokenizer.save_atomic(big, {os.path.join(out, 'last.pt')!r})")
+    writer = ("import torch, common; big = {'model': torch.randn(64, 1 << 20)}; "  # 256 MB: a long write
+              f"common.save_atomic(big, {os.path.join(out, 'last.pt')!r})")
     cmd = [sys.executable, "-c", writer]
     temporaries = lambda: [f for f in os.listdir(out) if ".tmp" in f]
     proc = subprocess.Popen(cmd, cwd=HERE)
@@ -724,8 +725,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_token_cache_made_with_another_tokenizer_is_refused(tmp_path):
     out = synthetic_run_dir(tmp_path / "run")
-    other = tok.VQModel(tok.VQConfig(**{**tok.asdict(tok.PRESETS["demo"]), "codebook_size": 32}))  # new random weights
-    torch.save({"model": other.state_dict(), "config": tok.asdict(other.config)}, os.path.join(out, "tokenizer.pt"))
+    other = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "codebook_size": 32}))  # new random weights
+    torch.save({"model": other.state_dict(), "config": asdict(other.config)}, os.path.join(out, "tokenizer.pt"))
     r = run("train.py", *tiny_train_args(out, "--steps", 2))
     assert r.returncode != 0 and "was encoded from" in r.stderr and "'tokenizer'" in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(os.path.join(out, "last.pt"))

@@ -5,29 +5,28 @@ Pixels in [-1, 1] -> encoder -> 1x1 conv to a low-dimensional latent -> nearest 
 dict under "model") load strictly into the `llamagen-vq16` preset.
 
     python tokenizer.py train                      # Fashion-MNIST, 32x32, 8x8 tokens, CPU minutes
-    python tokenizer.py eval   --ckpt runs/demo/tokenizer.pt          # PSNR + codebook usage on test
-    python tokenizer.py encode --ckpt runs/demo/tokenizer.pt --split train --flip  # tokens for train.py
+    python tokenizer.py eval --ckpt runs/demo/tokenizer.pt            # PSNR + codebook usage on test
     python tokenizer.py train --data path/to/imagefolder --image-size 64 ...       # your own images
+
+`python train.py` runs the same training (train.train_tokenizer) as its first stage, then encodes
+the dataset to tokens (train.encode_split) before RandAR trains on them.
 """
-import argparse
 import gzip
 import hashlib
 import math
 import os
-import sys
-import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from randar import load_torch_file
+from common import ArgumentParser, load_torch_file, non_negative_int, positive_int, run
 
 
 @dataclass
@@ -417,59 +416,6 @@ def to_uint8(pixels):
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1):
-    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows;
-    scale > 1 enlarges every image (nearest) so small images stay readable."""
-    if scale > 1:
-        images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    B, C, H, W = images_uint8.shape
-    rows = math.ceil(B / nrow)
-    canvas = Image.new("L" if C == 1 else "RGB", (label_width + nrow * (W + pad), rows * (H + pad)), 255)
-    for i, im in enumerate(images_uint8):
-        arr = im.permute(1, 2, 0).cpu().numpy()
-        canvas.paste(Image.fromarray(arr[..., 0] if C == 1 else arr),
-                     (label_width + (i % nrow) * (W + pad), (i // nrow) * (H + pad)))
-    draw = ImageDraw.Draw(canvas)
-    for r, text in enumerate(row_labels):
-        draw.text((2, r * (H + pad) + H // 2 - 5), text, fill=0)
-    return canvas
-
-
-def temp_path(path):
-    """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"output {path} is a directory, expected a file name")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    return f"{root}.tmp{os.getpid()}{ext}"
-
-
-def write_atomic(write, path):
-    """write(tmp) then rename: a crash mid-write leaves the old file intact and no temporary behind."""
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_png(image, path):
-    write_atomic(image.save, path)
-
-
-def save_atomic(obj, path):
-    write_atomic(lambda tmp: torch.save(obj, tmp), path)
-
-
-def save_atomic_npz(path, **arrays):
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(f, **arrays)
-    write_atomic(write, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Commands
 
@@ -479,77 +425,6 @@ def check_fits(cfg, dataset):
         raise ValueError(f"images have {C} channels but the tokenizer takes {cfg.in_channels}")
     if H % cfg.downsample or W % cfg.downsample:
         raise ValueError(f"image size {H}x{W} is not divisible by the downsample factor {cfg.downsample}")
-
-
-def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=3000,
-                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0):
-    """Train the VQ autoencoder (MSE + VQ losses) and write <out_dir>/tokenizer.pt; returns its path."""
-    torch.manual_seed(seed)
-    dataset = limited(open_dataset(data, "train", data_dir, image_size)[0], limit)
-    cfg = PRESETS[preset]
-    if data != "fashion-mnist" and cfg.in_channels != 3:
-        cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
-    check_fits(cfg, dataset)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
-    model = VQModel(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps "
-          f"-> {ckpt_path}")
-    fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
-    code_hits = torch.zeros(cfg.codebook_size)
-    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
-    while step < steps:
-        for images, _ in loader:
-            x = to_pixels(images)
-            if flip:
-                flip = torch.rand(x.size(0)) < 0.5
-                x[flip] = x[flip].flip(-1)
-            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
-                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            model.train()
-            recon, losses, idx = model(x)
-            rec_loss = F.mse_loss(recon, x)
-            loss = rec_loss + sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-            step += 1
-            if step % reinit_every == 0 and step < 0.8 * steps:
-                reinit_dead_codes(model, code_hits, x)
-                code_hits.zero_()
-            bar.update(1)
-            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
-            if step % image_every == 0 or step == steps:
-                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
-            if step == steps:
-                break
-    bar.close()
-    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step,
-                 "data": data, "image_size": image_size}, ckpt_path)
-    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
-          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
-    return ckpt_path
-
-
-@torch.no_grad()
-def reinit_dead_codes(model, code_hits, x):
-    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
-    dead = (code_hits == 0).nonzero().flatten()
-    if len(dead) == 0:
-        return
-    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
-    pick = torch.randint(0, z.size(0), (len(dead),))
-    model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
-
-
-@torch.no_grad()
-def save_reconstructions(model, images, path):
-    model.eval()
-    recon = to_uint8(model.decode(model.encode(to_pixels(images))))
-    save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above reconstructions
 
 
 @torch.no_grad()
@@ -569,44 +444,17 @@ def limited(dataset, limit):
     return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
-def evaluate_cmd(args):
+def main(args):
+    if args.command == "train":
+        from train import train_tokenizer  # the training stages live in train.py, which imports this file
+        return train_tokenizer(args.out_dir, args.data, args.data_dir, args.image_size, args.limit, args.preset,
+                               args.steps, args.batch_size, args.lr, args.flip, args.reinit_every, args.image_every,
+                               args.seed)
     model = load_tokenizer(args.ckpt)
-    dataset, _ = open_dataset(args.data, args.split, args.data_dir, args.image_size)
+    dataset = limited(open_dataset(args.data, args.split, args.data_dir, args.image_size)[0], args.limit)
     check_fits(model.config, dataset)
     psnr, usage = evaluate(model, dataset)
     print(f"{args.split}: PSNR {psnr:.2f} dB, codebook usage {usage:.1f}% of {model.config.codebook_size} codes")
-
-
-def train_cmd(args):
-    train_tokenizer(args.out_dir, args.data, args.data_dir, args.image_size, args.limit, args.preset, args.steps,
-                    args.batch_size, args.lr, args.flip, args.reinit_every, args.image_every, args.seed)
-
-
-# ---- command-line helpers shared by every script ---------------------------------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line naming it (no usage dump), exit status 2."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-
-    def error(self, message):
-        sys.exit(f"error: {self.prog.split()[-1] if ' ' in self.prog else self.prog}: {message}")
-
-
-def int_at_least(low):
-    def check(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-    return check
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def get_parser():
@@ -625,7 +473,7 @@ def get_parser():
             s.add_argument("--batch-size", type=positive_int, default=64)
             s.add_argument("--lr", type=float, default=2e-3)
             s.add_argument("--flip", action="store_true", help="random horizontal flips")
-            s.add_argument("--reinit-every", type=positive_int, default=200, help="re-initialise dead codes every K steps")
+            s.add_argument("--reinit-every", type=positive_int, default=200, help="re-init dead codes every K steps")
             s.add_argument("--image-every", type=positive_int, default=500)
             s.add_argument("--seed", type=int, default=0)
         else:
@@ -635,10 +483,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    if "OMP_NUM_THREADS" not in os.environ:  # respect a thread count the user set
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        {"train": train_cmd, "eval": evaluate_cmd}[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
+    run(main, get_parser().parse_args())

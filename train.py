@@ -16,17 +16,17 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import randar
+import common
 import tokenizer as tok
 from randar import PRESETS, RandAR, RandARConfig
 
@@ -52,21 +52,85 @@ def barrier():
         dist.barrier()
 
 
-def all_mean(values, device):
-    """Average a list of floats over ranks (metrics are reduced before rank 0 logs them)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
 def learning_rate(step, args):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the tokenizer (skipped when --tokenizer-ckpt or <out-dir>/tokenizer.pt exists)
+
+def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=3000,
+                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0):
+    """Train the VQ autoencoder (MSE + VQ losses) and write <out_dir>/tokenizer.pt; returns its path."""
+    torch.manual_seed(seed)
+    dataset = tok.limited(tok.open_dataset(data, "train", data_dir, image_size)[0], limit)
+    cfg = tok.PRESETS[preset]
+    if data != "fashion-mnist" and cfg.in_channels != 3:
+        cfg = tok.VQConfig(**{**asdict(cfg), "in_channels": 3})
+    tok.check_fits(cfg, dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
+    model = tok.VQModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps -> {ckpt_path}")
+    fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
+    code_hits = torch.zeros(cfg.codebook_size)
+    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
+    while step < steps:
+        for images, _ in loader:
+            x = tok.to_pixels(images)
+            if flip:
+                mirror = torch.rand(x.size(0)) < 0.5
+                x[mirror] = x[mirror].flip(-1)
+            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            model.train()
+            recon, losses, idx = model(x)
+            rec_loss = F.mse_loss(recon, x)
+            loss = rec_loss + sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
+            step += 1
+            if step % reinit_every == 0 and step < 0.8 * steps:
+                reinit_dead_codes(model, code_hits, x)
+                code_hits.zero_()
+            bar.update(1)
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
+            if step % image_every == 0 or step == steps:
+                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
+            if step == steps:
+                break
+    bar.close()
+    common.save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data,
+                        "image_size": image_size}, ckpt_path)
+    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {tok.VectorQuantizer.USAGE_LOG} codes "
+          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
+    return ckpt_path
+
+
+@torch.no_grad()
+def reinit_dead_codes(model, code_hits, x):
+    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
+    dead = (code_hits == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
+    pick = torch.randint(0, z.size(0), (len(dead),))
+    model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path):
+    model.eval()
+    recon = tok.to_uint8(model.decode(model.encode(tok.to_pixels(images))))
+    common.save_png(common.image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
 
 
 def prepare_tokens(args, rank, world):
@@ -77,7 +141,7 @@ def prepare_tokens(args, rank, world):
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, **data)
+        train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, **data)
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
@@ -89,7 +153,7 @@ def prepare_tokens(args, rank, world):
             if rank == 0 and world > 1:
                 join_parts(path, world)
             barrier()
-        cache = randar.load_torch_file(path, "token file")
+        cache = common.load_torch_file(path, "token file")
         wanted = encode_source(ckpt, split=split, flip=flip, **{k: v for k, v in data.items() if k != "data_dir"})
         if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
             raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
@@ -149,9 +213,9 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
     header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
               "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
     if world == 1:
-        tok.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+        common.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
     else:
-        tok.save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
+        common.save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
 
 
 def join_parts(out, world):
@@ -161,7 +225,7 @@ def join_parts(out, world):
     labels = torch.cat([p["labels"] for p in parts])
     views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
     header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
-    tok.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    common.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
     for n in names:
         os.remove(n)
 
@@ -208,7 +272,7 @@ def sample_grid(model, vq, path, args, device, ctx):
     model.free_caches()
     grid = model.config.grid
     images = tok.to_uint8(vq.decode(torch.cat(tokens).view(-1, grid, grid)).float()).cpu()
-    tok.save_png(tok.image_grid(images, nrow=args.samples_per_class, scale=2), path)
+    common.save_png(common.image_grid(images, nrow=args.samples_per_class, scale=2), path)
     model.train()
 
 
@@ -219,9 +283,7 @@ def main(args):
     is_main = rank == 0
     seed = args.seed * world + rank  # per-rank seed
     torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     # Everything that can fail before the expensive stages is checked first.
     os.makedirs(args.out_dir, exist_ok=True)
@@ -231,7 +293,7 @@ def main(args):
     resume = args.resume or (last if os.path.exists(last) else None)  # an explicit --resume, else last.pt
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
-    ckpt = randar.load_torch_file(resume, "RandAR checkpoint") if resume else None
+    ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
     if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
         raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from it)")
     if is_main:  # a process killed mid-write leaves its temporary file behind; the finished file is intact
@@ -315,9 +377,9 @@ def main(args):
                 "config": asdict(cfg), "rng": rngs, "rank_param_checksums": checks,
                 "data_position": {"epoch": epoch, "batch": batch_in_epoch},
                 "tokenizer": os.path.abspath(vq_path), "args": vars(args)}
-        tok.save_atomic(ckpt, last)
+        common.save_atomic(ckpt, last)
         if args.keep > 0:
-            tok.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
+            common.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
             kept = sorted(f for f in os.listdir(args.out_dir) if f.startswith("step_") and f.endswith(".pt"))
             for old in kept[:-args.keep]:
                 os.remove(os.path.join(args.out_dir, old))
@@ -353,7 +415,9 @@ def main(args):
             step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
             # The host reads the loss only here: at log steps, and before every checkpoint (never save NaNs).
             if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                loss_avg, = all_mean([window_loss.item() / window_steps], device)
+                if world > 1:  # the mean over ranks, before rank 0 logs it
+                    dist.all_reduce(window_loss)
+                loss_avg = window_loss.item() / window_steps / world
                 if not math.isfinite(loss_avg):
                     last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
                     raise FloatingPointError(f"non-finite loss ({loss_avg}) by step {step} (checked every "
@@ -390,24 +454,24 @@ def main(args):
 
 
 def get_parser():
-    p = tok.ArgumentParser(description=__doc__)
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--preset", default="demo", choices=PRESETS)
     p.add_argument("--order", default="random", choices=["random", "raster"],
                    help="raster = the LlamaGen-style baseline the paper compares with")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
-    p.add_argument("--image-size", type=tok.positive_int, default=32)
-    p.add_argument("--limit", type=tok.non_negative_int, default=0, help="use only the first N images of each split")
+    p.add_argument("--image-size", type=common.positive_int, default=32)
+    p.add_argument("--limit", type=common.non_negative_int, default=0, help="use only the first N images of each split")
     p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
-    p.add_argument("--tokenizer-steps", type=tok.positive_int, default=600)
-    p.add_argument("--steps", type=tok.positive_int, default=1000)
-    p.add_argument("--batch-size", type=tok.positive_int, default=64, help="per rank and micro-step")
-    p.add_argument("--grad-accum", type=tok.positive_int, default=1)
+    p.add_argument("--tokenizer-steps", type=common.positive_int, default=600)
+    p.add_argument("--steps", type=common.positive_int, default=1000)
+    p.add_argument("--batch-size", type=common.positive_int, default=64, help="per rank and micro-step")
+    p.add_argument("--grad-accum", type=common.positive_int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=tok.non_negative_int, default=100)
+    p.add_argument("--warmup-steps", type=common.non_negative_int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampling weights (0: off)")
@@ -416,22 +480,16 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=tok.positive_int, default=10)
-    p.add_argument("--eval-every", type=tok.positive_int, default=400)
-    p.add_argument("--val-limit", type=tok.positive_int, default=2000, help="held-out images used for the validation loss")
-    p.add_argument("--sample-every", type=tok.non_negative_int, default=0, help="0: only at the end")
-    p.add_argument("--samples-per-class", type=tok.positive_int, default=10)
+    p.add_argument("--log-every", type=common.positive_int, default=10)
+    p.add_argument("--eval-every", type=common.positive_int, default=400)
+    p.add_argument("--val-limit", type=common.positive_int, default=2000, help="held-out images for the validation loss")
+    p.add_argument("--sample-every", type=common.non_negative_int, default=0, help="0: only at the end")
+    p.add_argument("--samples-per-class", type=common.positive_int, default=10)
     p.add_argument("--cfg", type=float, default=3.0, help="CFG scale at the end of the linear schedule (samples)")
-    p.add_argument("--ckpt-every", type=tok.positive_int, default=200)
-    p.add_argument("--keep", type=tok.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
+    p.add_argument("--ckpt-every", type=common.positive_int, default=200)
+    p.add_argument("--keep", type=common.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
     return p
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    if "OMP_NUM_THREADS" not in os.environ:  # respect the thread count torchrun or the user set
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        main(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
-        sys.exit(f"error: {e}")
+    common.run(main, get_parser().parse_args(), errors=(ValueError, FileNotFoundError, FloatingPointError, OSError))
