@@ -220,6 +220,24 @@ def int_at_least(low):
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
+def number_in(low, high, open_low=False, open_high=False):
+    """An argparse type for a float in [low, high] (an end excluded when open_*); NaN never passes."""
+    def check(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
+            span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a number in {span}, got {text!r}")
+        return value
+    return check
+
+
+positive_number, non_negative_number = number_in(0, math.inf, open_low=True), number_in(0, math.inf)
+probability = number_in(0, 1, open_high=True)
+
+
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
     """A script's entry point: the thread count the environment set (torchrun sets one per worker) or
     every core, and any expected failure as one line `error: ...` with exit status 1."""

@@ -16,6 +16,7 @@ of steps and the known tokens (editing, docs/algorithm.md §7) are its arguments
 """
 import argparse
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -381,7 +382,10 @@ def main(args):
         if args.command == "bench" and args.preset and args.ckpt is None:  # the paper sizes, random weights
             return bench(RandAR(PRESETS[args.preset]).to(args.device).eval(), args)
         args.ckpt = args.ckpt or "runs/demo/last.pt"
-        model, vq = load_run(args) if args.command != "bench" else (load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None)
+        if args.command == "bench":  # no tokenizer needed
+            model, vq = load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None
+        else:
+            model, vq = load_run(args)
         N = model.config.block_size
         if getattr(args, "steps", None) is not None and args.steps > N:
             raise ValueError(f"--steps must be between 1 and {N} (the number of tokens), got {args.steps}")
@@ -398,7 +402,9 @@ def number_pair(text):
     try:
         start, end = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be START,END (two numbers), got {text!r}") from None
+        start = end = math.nan
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise argparse.ArgumentTypeError(f"must be START,END (two numbers), got {text!r}")
     return start, end
 
 
@@ -432,9 +438,9 @@ def get_parser():
         s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
         s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")
         s.add_argument("--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
-        s.add_argument("--temperature", type=float, default=1.0)
-        s.add_argument("--top-k", type=int, default=0)
-        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--temperature", type=common.non_negative_number, default=1.0)
+        s.add_argument("--top-k", type=common.non_negative_int, default=0)
+        s.add_argument("--top-p", type=common.number_in(0, 1, open_low=True), default=1.0)
         s.add_argument("--batch-size", type=common.positive_int, default=100, help="images per generate() call")
         if name in ("grid", "inpaint", "outpaint", "extrapolate"):
             s.add_argument("--order", default="random", choices=["random", "raster"])
@@ -475,6 +481,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if getattr(args, "sides", None) and any(s not in ("left", "right", "top", "bottom") for s in args.sides):
         p.error(f"--sides must be a comma list of left,right,top,bottom, got {','.join(args.sides)!r}")
+    if getattr(args, "temperature", 1) == 0 and args.top_k != 1:
+        p.error("--temperature 0 needs --top-k 1 (greedy decoding); sampling needs a temperature > 0")
     if args.command == "extrapolate" and args.factor < 2:
         p.error(f"--factor must be an integer >= 2, got {args.factor}")
     return args

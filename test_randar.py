@@ -542,7 +542,7 @@ def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # run-to-run differences come from multi-threaded reductions
     try:
-        runs = [torch.load(train.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64,
+        runs = [torch.load(train.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64, flip=True,
                                                reinit_every=5, image_every=100), weights_only=True)["model"]
                 for r in range(2)]
     finally:
@@ -1126,6 +1126,22 @@ def test_every_bad_file_and_argument_is_one_clear_line(tiny_run, tmp_path):
         assert not os.path.exists(tmp_path / "new" / "tokenizer.pt"), argv  # failed before any work
     assert not os.path.exists(os.path.join(HERE, "PWNED")) and not os.path.exists("PWNED")
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("script, argv, fragment", [
+    ("train", ["--lr", "-1"], "--lr"), ("train", ["--lr", "nan"], "--lr"), ("train", ["--ema", "1.5"], "--ema"),
+    ("train", ["--min-lr-ratio", "2"], "--min-lr-ratio"), ("train", ["--dropout", "1"], "--dropout"),
+    ("train", ["--class-dropout", "-0.1"], "--class-dropout"), ("train", ["--clip", "0"], "--clip"),
+    ("train", ["--weight-decay", "-1"], "--weight-decay"), ("tokenizer", ["train", "--lr", "0"], "--lr"),
+    ("sample", ["--top-p", "0"], "--top-p"), ("sample", ["--top-k", "-1"], "--top-k"),
+    ("sample", ["--temperature", "nan"], "--temperature"), ("sample", ["--temperature", "0"], "--top-k 1"),
+    ("sample", ["--cfg", "1,nan"], "--cfg"), ("sample", ["extrapolate", "--factor", "1"], "--factor"),
+])
+def test_impossible_numbers_are_refused_at_parse_time(script, argv, fragment):
+    parse = {"train": train.get_parser().parse_args, "tokenizer": tok.get_parser().parse_args, "sample": sample.parse}
+    with pytest.raises(SystemExit) as e:
+        parse[script](argv)
+    assert fragment in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def test_bench_runs_on_a_preset_without_checkpoint():

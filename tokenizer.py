@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import ArgumentParser, load_torch_file, non_negative_int, positive_int, run
+from common import ArgumentParser, load_torch_file, non_negative_int, positive_int, positive_number, run
 
 
 @dataclass
@@ -471,7 +471,7 @@ def get_parser():
             s.add_argument("--out-dir", default="runs/demo")
             s.add_argument("--steps", type=positive_int, default=3000)
             s.add_argument("--batch-size", type=positive_int, default=64)
-            s.add_argument("--lr", type=float, default=2e-3)
+            s.add_argument("--lr", type=positive_number, default=2e-3)
             s.add_argument("--flip", action="store_true", help="random horizontal flips")
             s.add_argument("--reinit-every", type=positive_int, default=200, help="re-init dead codes every K steps")
             s.add_argument("--image-every", type=positive_int, default=500)
