@@ -1114,6 +1114,7 @@ def test_every_bad_file_and_argument_is_one_clear_line(tiny_run, tmp_path):
         (["train.py", "--out-dir", tmp_path / "new", "--grad-accum", 0], "--grad-accum"),
         (["train.py", "--out-dir", tmp_path / "new", "--ckpt-every", 0], "--ckpt-every"),
         (["train.py", "--out-dir", tmp_path / "new", "--steps", -5], "--steps"),
+        (["train.py", "--out-dir", tmp_path / "new", "--data", tmp_path / "nowhere"], "--data folder not found"),
         (["eval_fid.py", bad / "truncated.npz", bad / "ok.npz"], "truncated.npz is not a readable .npz"),
         (["eval_fid.py", bad / "ok.npz", bad / "ok.npz", "--inception", bad / "hostile.pt"], "hostile.pt"),
     ]
@@ -1123,7 +1124,7 @@ def test_every_bad_file_and_argument_is_one_clear_line(tiny_run, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and fragment in r.stderr and len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert sorted(os.listdir(tiny_run)) == before and not os.path.exists(tmp_path / "out"), argv
-        assert not os.path.exists(tmp_path / "new" / "tokenizer.pt"), argv  # failed before any work
+        assert not os.path.exists(tmp_path / "new"), argv  # failed before any work, nothing created
     assert not os.path.exists(os.path.join(HERE, "PWNED")) and not os.path.exists("PWNED")
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 

@@ -286,13 +286,15 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     # Everything that can fail before the expensive stages is checked first.
+    if args.data != "fashion-mnist" and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data folder not found: {args.data}")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f"--out-dir {args.out_dir} is not writable")
     last = os.path.join(args.out_dir, "last.pt")
     resume = args.resume or (last if os.path.exists(last) else None)  # an explicit --resume, else last.pt
-    if args.resume and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
     ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
     if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
         raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from it)")
