@@ -322,29 +322,30 @@ def bench(model, args):
         for steps in (N, round(N * 88 / 256), N // 4):
             name = "1 token/step" if steps == N else f"parallel {steps} steps"
             kinds.append((f"{'compiled' if compiled else 'eager'} random, {name}", "random", steps, compiled))
-    rows = []
+    rows, groups = [], 2 if args.cfg[-1] > 1 else 1
     for batch in (1, args.bench_batch):
         labels = torch.arange(batch, device=args.device) % model.config.num_classes
-        times = {}
-        for name, order, steps, compiled in kinds:
-            def fn():
-                if order is None:
-                    return uncached_generate(model, labels)
-                return model.generate(labels, order=order, steps=steps, cfg_scale=args.cfg, compile=compiled)
-            with args.ctx:
-                fn()  # warm-up (and compilation), excluded
-                runs = []
-                for _ in range(args.repeats):
+
+        def run(order, steps, compiled):
+            if order is None:
+                return uncached_generate(model, labels)
+            return model.generate(labels, order=order, steps=steps, cfg_scale=args.cfg, compile=compiled)
+        runs = {name: [] for name, *_ in kinds}
+        with args.ctx:
+            for name, *how in kinds:
+                run(*how)  # warm-up (and compilation), excluded
+            for _ in range(args.repeats):  # interleaved rounds: a noisy moment slows every row alike
+                for name, *how in kinds:
                     sync()
                     t = time.perf_counter()
-                    fn()
+                    run(*how)
                     sync()
-                    runs.append(time.perf_counter() - t)
-            groups = 2 if args.cfg[-1] > 1 else 1
-            n_steps = N if order is None else len(decoding_schedule(N, steps))
-            times[name] = (statistics.median(runs), n_steps, step_floor_ms(model, groups * batch, n_steps, flops_s, bytes_s))
-        base = times["eager random, 1 token/step"][0]
-        rows += [(batch, name, t, s, floor, base / t) for name, (t, s, floor) in times.items()]
+                    runs[name].append(time.perf_counter() - t)
+        base = statistics.median(runs["eager random, 1 token/step"])
+        for name, order, steps, _ in kinds:
+            t, n_steps = statistics.median(runs[name]), N if order is None else len(decoding_schedule(N, steps))
+            floor = step_floor_ms(model, groups * batch, n_steps, flops_s, bytes_s)
+            rows.append((batch, name, t, n_steps, floor, base / t))
     print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}, CFG "
           f"{args.cfg}, median of {args.repeats}; machine: {flops_s / 1e9:.0f} GFLOP/s matmul, "
           f"{bytes_s / 1e9:.1f} GB/s copy")
