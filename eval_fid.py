@@ -24,7 +24,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
-from common import save_atomic_npz
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -423,8 +422,8 @@ def main(args):
         mu, sigma, feats, logits = statistics(args.inputs[0], model, args)
         if logits is None:
             raise ValueError(f"{args.inputs[0]} is already a stats file; --save-stats needs images")
-        save_atomic_npz(args.save_stats, mu=mu, sigma=sigma, features=feats.astype(np.float32),
-                        extractor=STATS_EXTRACTOR)
+        common.save_atomic_npz(args.save_stats, mu=mu, sigma=sigma, features=feats.astype(np.float32),
+                               extractor=STATS_EXTRACTOR)
         print(f"wrote statistics of {len(feats)} images to {args.save_stats}")
         return
     mu1, s1, f1, logits = statistics(args.inputs[0], model, args)

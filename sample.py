@@ -32,13 +32,12 @@ from tqdm import tqdm
 
 import common
 import tokenizer as tok
-from common import load_model
 from randar import PRESETS, RandAR, decoding_schedule
 
 
 def load_run(args):
     """RandAR (train.py checkpoint, or official .safetensors + --config/--preset) and its tokenizer."""
-    model, extras = load_model(args.ckpt, args.config, args.preset)
+    model, extras = common.load_model(args.ckpt, args.config, args.preset)
     vq_path = args.vq_ckpt or os.path.join(os.path.dirname(args.ckpt), "tokenizer.pt")
     if args.vq_ckpt is None and not os.path.isfile(vq_path):  # the run's tokenizer, wherever train.py found it
         vq_path = extras.get("tokenizer", vq_path)
@@ -134,7 +133,7 @@ def compare(model, vq, args):
         images.append(generate_batched(model, vq, labels, args, desc=name, order=order, steps=steps)[1])
         names.append(name)
     save_figure(common.image_grid(torch.cat(images), nrow=len(labels), row_labels=names, label_width=56,
-                               scale=args.scale), args.out or default_out(args))
+                                  scale=args.scale), args.out or default_out(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def write_gif(movies, path, scale):
         frames.append(labelled)
     durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
     common.write_atomic(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                duration=durations, loop=0), path)
+                                                   duration=durations, loop=0), path)
     print(f"wrote {path} ({len(frames)} frames)")
 
 
@@ -243,8 +242,8 @@ def edit(model, vq, args):
     tokens, results = generate_batched(model, vq, labels, args, known=known, desc="editing")
     shown_mask = mask[None].expand_as(image).to(torch.uint8) * 255
     masked_input = torch.where(mask, torch.full_like(canvas, 128), canvas)
-    figure = common.image_grid(torch.cat([image[None], shown_mask[None], masked_input[None], results]), nrow=n + 3,
-                            scale=args.scale)
+    panels = torch.cat([image[None], shown_mask[None], masked_input[None], results])
+    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale)
     save_figure(figure, args.out or default_out(args))
     return tokens, known
 
@@ -384,7 +383,7 @@ def main(args):
             return bench(RandAR(PRESETS[args.preset]).to(args.device).eval(), args)
         args.ckpt = args.ckpt or "runs/demo/last.pt"
         if args.command == "bench":  # no tokenizer needed
-            model, vq = load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None
+            model, vq = common.load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None
         else:
             model, vq = load_run(args)
         N = model.config.block_size

@@ -221,7 +221,7 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
 def join_parts(out, world):
     """Rank 0, after every rank's encode_split: the part files -> one token file (originals, then flips)."""
     names = [f"{out}.part{r}of{world}" for r in range(world)]
-    parts = [torch.load(n, weights_only=True) for n in names]
+    parts = [common.load_torch_file(n, "token part file") for n in names]
     labels = torch.cat([p["labels"] for p in parts])
     views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
     header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
