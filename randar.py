@@ -89,8 +89,11 @@ PRESETS = {
     "tiny": RandARConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=32, block_size=16),
     # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes. No dropout:
     # a ~1000-step run is far from overfitting (with 0.1, a GPU sweep gave a worse FD at equal steps).
+    # RoPE base 10, not 10000: on an 8-wide grid base 10000 leaves 4 of a head's 8 frequencies per axis
+    # turning less than 0.1 rad across the image, and a PI token is only its rotation; base 10 spreads them
+    # over 1 to 0.13 rad per position (validation loss 2.84 vs 2.99 after the default run, README).
     "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10, vocab_size=512,
-                         block_size=64, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
+                         block_size=64, rope_base=10.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
     # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes).
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
     "XL": RandARConfig(dim=1280, n_layer=36, n_head=20),
