@@ -1096,6 +1096,7 @@ def test_every_bad_file_and_argument_is_one_clear_line(tiny_run, tmp_path):
         (["train.py", "--out-dir", tmp_path / "new", "--resume", bad / "missing.pt"], "--resume checkpoint not found"),
         (["train.py", "--out-dir", tmp_path / "new", "--batch-size", 0], "--batch-size"),
         (["train.py", "--out-dir", tmp_path / "new", "--grad-accum", 0], "--grad-accum"),
+        (["train.py", "--out-dir", tmp_path / "new", "--rope-base", 0], "--rope-base"),
         (["train.py", "--out-dir", tmp_path / "new", "--ckpt-every", 0], "--ckpt-every"),
         (["train.py", "--out-dir", tmp_path / "new", "--steps", -5], "--steps"),
         (["train.py", "--out-dir", tmp_path / "new", "--data", tmp_path / "nowhere"], "--data folder not found"),

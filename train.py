@@ -317,6 +317,8 @@ def main(args):
         cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
     if args.class_dropout is not None:
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
+    if args.rope_base is not None:
+        cfg = replace(cfg, rope_base=args.rope_base)
     torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
     model = RandAR(cfg).to(device)
     # Exponential moving average of the weights, for sampling and validation: averaging the last few hundred
@@ -482,6 +484,7 @@ def get_parser():
     p.add_argument("--ema", type=common.probability, default=0.999, help="EMA decay of the sampling weights (0: off)")
     p.add_argument("--dropout", type=common.probability, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
+    p.add_argument("--rope-base", type=common.positive_number, default=None, help="override the preset's RoPE base")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (on CPU: needs a C compiler)")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
