@@ -493,7 +493,7 @@ def get_parser():
     p.add_argument("--val-limit", type=common.positive_int, default=2000, help="held-out images for the validation loss")
     p.add_argument("--sample-every", type=common.non_negative_int, default=0, help="0: only at the end")
     p.add_argument("--samples-per-class", type=common.positive_int, default=10)
-    p.add_argument("--cfg", type=common.non_negative_number, default=3.0,
+    p.add_argument("--cfg", type=common.non_negative_number, default=4.0,
                    help="CFG scale at the end of the linear schedule (samples)")
     p.add_argument("--ckpt-every", type=common.positive_int, default=200)
     p.add_argument("--keep", type=common.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
