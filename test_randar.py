@@ -238,7 +238,7 @@ def test_torch_compile_equals_eager(model_compiled_once, kw):
     for compiled in (False, True):
         seen = []
         out = model_compiled_once.generate(**kw, compile=compiled, generator=torch.Generator().manual_seed(3),
-                                     callback=lambda s, logits, new: seen.append(logits))
+                                           callback=lambda s, logits, new: seen.append(logits))
         runs.append((out, seen))
     (a, la), (b, lb) = runs
     assert torch.equal(a, b) and len(la) == len(lb)
