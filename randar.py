@@ -475,7 +475,7 @@ class RandAR(nn.Module):
     def decode_step(self, rope, order, generated, gen_index, is_pi, slots, queries):
         """One decode step from feed_plan's tensors; generated [B, N] holds the tokens in generation
         order (only indices already sampled are read). Shapes set by the schedule alone, no host
-        synchronisation: this is the function torch.compile sees. Returns logits [B, M, V] at the query items."""
+        synchronisation: this is the function torch.compile sees. Returns logits [B, m, V] at the query items."""
         positions = order[:, gen_index]  # (B, L) raster position each fed item belongs to
         x = torch.where(is_pi[:, None], self.position_instructions(positions, rope),
                         self.tok_embeddings(generated[:, gen_index]))
