@@ -484,7 +484,8 @@ def get_parser():
     p.add_argument("--warmup-steps", type=common.non_negative_int, default=200)
     p.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
     p.add_argument("--clip", type=common.positive_number, default=1.0)
-    p.add_argument("--ema", type=common.probability, default=0.999, help="EMA decay of the sampling weights (0: off)")
+    p.add_argument("--ema", type=common.probability, default=0.999,
+                   help="EMA decay of the sampling weights (0: off); capped by a (1+t)/(10+t) ramp early on")
     p.add_argument("--dropout", type=common.probability, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
     p.add_argument("--rope-base", type=common.positive_number, default=None, help="override the preset's RoPE base")
