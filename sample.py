@@ -430,7 +430,7 @@ def get_parser():
         s.add_argument("--device", default="auto")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
-        s.add_argument("--cfg", type=number_pair, default=(1.0, 4.0), help="START,END of the linear CFG schedule")
+        s.add_argument("--cfg", type=number_pair, default=common.DEFAULT_CFG, help="START,END of the linear CFG schedule")
         if name == "bench":
             s.add_argument("--bench-batch", type=common.positive_int, default=32)
             s.add_argument("--repeats", type=common.positive_int, default=3)

@@ -267,8 +267,8 @@ def sample_grid(model, vq, path, args, device, ctx):
     tokens = []
     for i in range(0, len(labels), args.batch_size):
         with ctx:
-            tokens.append(model.generate(labels[i:i + args.batch_size], order=args.order, cfg_scale=(1.0, args.cfg),
-                                         generator=g))
+            tokens.append(model.generate(labels[i:i + args.batch_size], order=args.order,
+                                         cfg_scale=(common.DEFAULT_CFG[0], args.cfg), generator=g))
     model.free_caches()
     grid = model.config.grid
     images = tok.to_uint8(vq.decode(torch.cat(tokens).view(-1, grid, grid)).float()).cpu()
@@ -497,7 +497,7 @@ def get_parser():
     p.add_argument("--val-limit", type=common.positive_int, default=2000, help="held-out images for the validation loss")
     p.add_argument("--sample-every", type=common.non_negative_int, default=0, help="0: only at the end")
     p.add_argument("--samples-per-class", type=common.positive_int, default=10)
-    p.add_argument("--cfg", type=common.non_negative_number, default=4.0,
+    p.add_argument("--cfg", type=common.non_negative_number, default=common.DEFAULT_CFG[1],
                    help="CFG scale at the end of the linear schedule (samples)")
     p.add_argument("--ckpt-every", type=common.positive_int, default=200)
     p.add_argument("--keep", type=common.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
