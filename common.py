@@ -6,14 +6,21 @@ write_atomic, so a crash never leaves a half-written file; every command line re
 argument or input as one line naming it, and exits non-zero.
 """
 import argparse
+import datetime
+import fcntl
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
+import socket
 import sys
+import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from randar import PRESETS, RandAR, RandARConfig
@@ -157,39 +164,222 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1)
     return canvas
 
 
-def temp_path(path):
-    """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
+def check_output(path):
+    """Refuse an output that is a folder and create its parent folder: called before long work, not after."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path} is a directory, expected a file name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def temp_path(path):
+    """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
+    check_output(path)
     root, ext = os.path.splitext(path)
     return f"{root}.tmp{os.getpid()}{ext}"
 
 
+def remove_stale_temps(path):
+    """The temporaries of path that write_atomic leaves when its process is killed mid-write. Only for a
+    path no other live process writes (the caller holds its folder's lock)."""
+    folder, (root, ext) = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.fullmatch(re.escape(root) + r"\.tmp\d+" + re.escape(ext), name):
+            os.remove(os.path.join(folder, name))
+
+
+class WriteErrors:
+    """A file object that keeps the OSError of a failed write: torch.save turns it into a RuntimeError that
+    no longer says why (disk full, quota exceeded)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def write_atomic(write, path):
-    """write(tmp) then rename: a crash mid-write leaves the old file intact and no temporary behind."""
+    """write(file object) into a temporary file, flushed to disk, then renamed onto path: a crash or a
+    failed write (disk full, quota) leaves the old file intact, no temporary behind, and one OSError
+    naming the path."""
     tmp = temp_path(path)
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            recorded = WriteErrors(f)
+            write(recorded)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk can surface only here; the rename must not come first
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = recorded.error or e
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(f"cannot write {path}: {cause.strerror or cause} (any previous {os.path.basename(path)} is "
+                      f"intact)") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def save_png(image, path):
-    write_atomic(image.save, path)
+    """An image, in the format its extension names (PNG when it names none Pillow knows)."""
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    write_atomic(lambda f: image.save(f, format=kind), path)
 
 
 def save_atomic(obj, path):
-    write_atomic(lambda tmp: torch.save(obj, tmp), path)
+    write_atomic(lambda f: torch.save(obj, f), path)
+
+
+def file_fingerprint(path, block=1 << 20):
+    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(block))
+        f.seek(max(size - block, 0))
+        digest.update(f.read(block))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# .npz files (a zip of uncompressed .npy members, as np.savez writes them), streamed both ways so
+# that 50,000 images never need to be in memory at once.
+
+def write_npz(f, members):
+    """members: {name: (dtype, shape, iterable of arrays whose rows fill shape in order)} -> an .npz in the
+    open file f. Fixed timestamps: the same arrays always give the same bytes."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, (dtype, shape, pieces) in members.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as out:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(out, header)
+                written = 0
+                for piece in pieces:
+                    piece = np.ascontiguousarray(piece, dtype=dtype)
+                    out.write(piece.data)
+                    written += piece.size
+                if written != math.prod(shape):
+                    raise ValueError(f"npz member {name}: got {written} values for shape {tuple(shape)}")
 
 
 def save_atomic_npz(path, **arrays):
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(f, **arrays)
-    write_atomic(write, path)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    write_atomic(lambda f: write_npz(f, {k: (a.dtype, a.shape, [a]) for k, a in arrays.items()}), path)
+
+
+def npz_names(path):
+    """The array names in an .npz, without reading any of them."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def npz_array(path, name):
+    """One array of an .npz: memory-mapped when the member is stored uncompressed (np.savez, write_npz),
+    else read whole (np.savez_compressed)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path) as data:
+                return data[name]
+        with open(path, "rb") as f:  # the member's data starts after its local header (30 bytes + name + extra)
+            f.seek(info.header_offset)
+            local = f.read(30)
+            f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") +
+                   int.from_bytes(local[28:30], "little"))
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:  # a newer .npy version: let numpy read it
+                with np.load(path) as data:
+                    return data[name]
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if math.prod(shape) == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read array {name!r} ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Long jobs: one job per output folder, and every rank told what rank 0 decided.
+
+class FolderLock:
+    """An exclusive lock on a folder: `<folder>/lock`, held with flock while the job runs and naming its
+    pid and host. A second job is refused in one line; a lock left by a dead process is not held (the
+    kernel drops a dead process's flock), so the next job takes it over."""
+
+    def __init__(self, folder, what):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "lock")
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise OSError(f"{what} {folder} is in use by {holder} (lock file {self.path}); wait for it to "
+                              f"finish or use another folder") from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                break
+            self.file.close()  # the holder removed the file as we opened it: lock the new one
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}")
+        self.file.flush()
+
+    def release(self):
+        """Remove the lock file, then drop the lock (a finished job leaves nothing behind)."""
+        if not self.file.closed:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            self.file.close()
+
+
+def init_process_group(timeout_s=1800):
+    """The torchrun process group (nccl on GPUs, gloo on CPUs) -> (rank, world size). A collective that waits
+    longer than timeout_s (a rank died or hangs) fails instead of blocking the other ranks forever. Keys in
+    torchrun's store are prefixed by the restart attempt: a group restarted by --max-restarts must not read
+    the addresses its dead predecessors left there (gloo would try to connect to them and fail)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    store = dist.PrefixStore(f"randar/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
+                            world_size=world, timeout=timeout)
+    return rank, world
+
+
+def rank0_decides(fn, rank):
+    """fn() on rank 0, its result (or its error) given to every rank, so no rank goes on alone."""
+    result = [None, None]
+    if rank == 0:
+        try:
+            result[0] = fn()
+        except (ValueError, OSError) as e:
+            result[1] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,10 +435,19 @@ probability = number_in(0, 1, open_high=True)
 
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
     """A script's entry point: the thread count the environment set (torchrun sets one per worker) or
-    every core, and any expected failure as one line `error: ...` with exit status 1."""
+    every core, and any expected failure as one line `error: ...` with exit status 1. Under torchrun a
+    failed collective (another rank died, or stalled past the process-group timeout) is one line too."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
         main(args)
     except errors as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if not dist.is_initialized():
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"error: rank {dist.get_rank()}: a collective operation failed; another rank died or stalled past "
+              f"the process-group timeout ({first})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the process group cannot be shut down cleanly with a peer gone: do not wait on it

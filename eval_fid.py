@@ -217,10 +217,10 @@ def load_images(path):
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
     else:
-        data = read_npz(path)
-        if "arr_0" not in data:
-            raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(data.keys())})")
-        images = data["arr_0"]
+        names = common.npz_names(path)
+        if "arr_0" not in names:
+            raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(names)})")
+        images = common.npz_array(path, "arr_0")  # memory-mapped: Inception reads it a batch at a time
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
             raise ValueError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
                              f"{images.shape}")
@@ -314,10 +314,11 @@ STATS_EXTRACTOR = "pytorch-fid-inception-v3-pool3"  # written into --save-stats 
 def statistics(path, model, args):
     """A stats file's (mu, sigma, features, None) or an image set's (mu, sigma, features, logits)."""
     if os.path.isfile(path) and path.endswith(".npz"):
-        data = read_npz(path)
-        if "mu" in data and "arr_0" in data:  # an ADM reference batch: its mu/sigma come from TF's Inception
+        names = common.npz_names(path)
+        if "mu" in names and "arr_0" in names:  # an ADM reference batch: its mu/sigma come from TF's Inception
             print(f"{path}: its mu/sigma were computed by another Inception; using arr_0 with ours instead")
-        elif "mu" in data and "sigma" in data:
+        elif "mu" in names and "sigma" in names:
+            data = read_npz(path)
             if str(data.get("extractor", "")) != STATS_EXTRACTOR:
                 raise ValueError(f"{path} holds mu/sigma of another feature extractor and no images to recompute "
                                  f"them from; make statistics with `eval_fid.py IMAGES --save-stats`")
@@ -408,6 +409,9 @@ def probe(args):
 
 def main(args):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    for out in (args.json, args.save_stats):
+        if out:
+            common.check_output(out)
     if args.probe:
         return probe(args)
     cache = {}
@@ -438,8 +442,7 @@ def main(args):
     for name, v in results.items():
         print(f"{name}: {v:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        common.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), args.json)
 
 
 def get_parser():

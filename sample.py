@@ -15,13 +15,18 @@ Everything generated goes through one function, RandAR.generate (randar.py): the
 of steps and the known tokens (editing, docs/algorithm.md §7) are its arguments.
 """
 import argparse
+import hashlib
 import itertools
+import json
 import math
 import os
+import re
+import shutil
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -41,7 +46,7 @@ def load_run(args):
     vq_path = args.vq_ckpt or os.path.join(os.path.dirname(args.ckpt), "tokenizer.pt")
     if args.vq_ckpt is None and not os.path.isfile(vq_path):  # the run's tokenizer, wherever train.py found it
         vq_path = extras.get("tokenizer", vq_path)
-    vq = tok.load_tokenizer(vq_path, args.device)
+    vq, args.vq_path = tok.load_tokenizer(vq_path, args.device), vq_path
     if vq.config.codebook_size != model.config.vocab_size:
         raise ValueError(f"tokenizer {vq_path} has {vq.config.codebook_size} codes but the model "
                          f"{model.config.vocab_size}")
@@ -60,9 +65,10 @@ def sampling_kwargs(args, **overrides):
 
 def generate_batched(model, vq, labels, args, known=None, desc="sampling", first_chunk=0, **kw):
     """Tokens and images for every label in chunks of --batch-size. Chunk c draws from its own generator
-    seeded (--seed, c): the images do not depend on how chunks are spread over processes."""
+    seeded (--seed, c): the images do not depend on how chunks are spread over processes. desc None:
+    no progress bar."""
     tokens = []
-    for i in tqdm(range(0, len(labels), args.batch_size), desc=desc, disable=args.rank != 0):
+    for i in tqdm(range(0, len(labels), args.batch_size), desc=desc, disable=args.rank != 0 or desc is None):
         sl = slice(i, i + args.batch_size)
         g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + first_chunk + i // args.batch_size)
         with args.ctx:
@@ -86,24 +92,112 @@ def check_classes(classes, model):
 
 
 # ----------------------------------------------------------------------------------------------
-# grid / npz: the FID protocol's sampler. Under torchrun every rank takes every world-th chunk.
+# grid / npz: the FID protocol's sampler. Images come in chunks of --batch-size, chunk c seeded by
+# (--seed, c), so the result does not depend on the number of processes or on interruptions.
 
 def grid(model, vq, args):
     labels = torch.tensor(check_classes(args.classes, model)).repeat_interleave(args.per_class)
-    chunks = range(args.rank, -(-len(labels) // args.batch_size), args.world)
-    parts = []
-    for c in chunks:
-        sl = slice(c * args.batch_size, (c + 1) * args.batch_size)
-        parts.append(generate_batched(model, vq, labels[sl].to(args.device), args, first_chunk=c,
-                                      desc=f"chunk {c + 1}")[1])
-    images = gather_in_chunk_order(parts, chunks, args)
-    if args.rank != 0:
+    if args.out_npz:
+        sample_to_npz(model, vq, labels, args)
+        if args.rank != 0 or not args.out:
+            return
+        images = torch.from_numpy(np.array(common.npz_array(args.out_npz, "arr_0"))).permute(0, 3, 1, 2)
+    else:  # a figure only: small enough to gather in memory
+        chunks = range(args.rank, -(-len(labels) // args.batch_size), args.world)
+        images = gather_in_chunk_order([make_chunk(model, vq, labels, c, args, f"chunk {c + 1}") for c in chunks],
+                                       chunks, args)
+        if args.rank != 0:
+            return
+    save_figure(common.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
+
+
+def make_chunk(model, vq, labels, c, args, desc=None):
+    """Images (B, C, H, W) uint8 of chunk c: labels[c * batch : (c + 1) * batch]."""
+    sl = slice(c * args.batch_size, (c + 1) * args.batch_size)
+    return generate_batched(model, vq, labels[sl].to(args.device), args, first_chunk=c, desc=desc)[1]
+
+
+def chunk_path(parts, c):
+    return os.path.join(parts, f"chunk_{c:05d}.npz")
+
+
+def sample_to_npz(model, vq, labels, args):
+    """Every chunk goes to <out-npz>.parts/ as soon as its rank has made it (nothing is gathered in memory);
+    rank 0 then streams the chunks into one npz and removes the parts. Rerunning the same command after a
+    crash makes only the chunks still missing; parts made with other settings are refused."""
+    parts, n_chunks = args.out_npz + ".parts", -(-len(labels) // args.batch_size)
+    lock = []
+
+    def start():  # rank 0: one job per parts folder, the same settings as the chunks on disk, what is left
+        lock.append(common.FolderLock(parts, "parts folder"))
+        for name in os.listdir(parts):  # temporaries of a killed run: chunks, and the npz being assembled
+            if ".tmp" in name:
+                os.remove(os.path.join(parts, name))
+        common.remove_stale_temps(args.out_npz)
+        check_settings(parts, run_settings(model, labels, args))
+        return [c for c in range(n_chunks) if not os.path.exists(chunk_path(parts, c))]
+    try:
+        todo = common.rank0_decides(start, args.rank)
+        if args.rank == 0 and len(todo) < n_chunks:
+            print(f"{parts}: {n_chunks - len(todo)} of {n_chunks} chunks already on disk, {len(todo)} to make")
+        bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), unit="chunk", desc="sampling", disable=args.rank != 0)
+        t0, found = time.time(), n_chunks - len(todo)
+        for c in todo[args.rank::args.world]:  # the missing chunks, shared round-robin by the ranks
+            images = make_chunk(model, vq, labels, c, args)
+            common.save_atomic_npz(chunk_path(parts, c), images=images.permute(0, 2, 3, 1).numpy())
+            if args.rank == 0:  # progress over every rank's chunks: count the files
+                on_disk = sum(bool(re.fullmatch(r"chunk_\d+\.npz", n)) for n in os.listdir(parts))
+                bar.update(on_disk - bar.n)
+                bar.set_postfix(images_s=f"{(on_disk - found) * args.batch_size / (time.time() - t0):.1f}")
+        bar.close()
+        if args.world > 1:
+            dist.barrier()  # every chunk is on disk
+        if args.rank == 0:
+            assemble(parts, n_chunks, labels, args.out_npz)
+            shutil.rmtree(parts)
+            print(f"wrote {len(labels)} images to {args.out_npz}")
+    finally:
+        if lock:
+            lock[0].release()
+
+
+def run_settings(model, labels, args):
+    """Everything that decides a chunk's images (not the number of processes), as the flags name it."""
+    settings = {"--ckpt": os.path.abspath(args.ckpt), "--ckpt contents": common.file_fingerprint(args.ckpt),
+                "model config": asdict(model.config), "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
+                "device type": args.device.type, "--cfg": args.cfg, "--steps": args.steps, "--order": args.order,
+                "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
+                "--seed": args.seed, "--batch-size": args.batch_size, "labels (--classes, --per-class)":
+                hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]}
+    return json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
+
+
+def check_settings(parts, settings):
+    path = os.path.join(parts, "settings.json")
+    if not os.path.exists(path):
+        common.write_atomic(lambda f: f.write(json.dumps(settings, indent=1).encode()), path)
         return
-    if args.out_npz:  # the ADM evaluator's layout: uint8 NHWC images, labels beside them
-        common.save_atomic_npz(args.out_npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
-        print(f"wrote {len(images)} images to {args.out_npz}")
-    if args.out or not args.out_npz:
-        save_figure(common.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete {parts} to start again") from None
+    for key in settings:
+        if recorded.get(key) != settings[key]:
+            raise ValueError(f"{parts} holds chunks made with {key} = {recorded.get(key)}, not {settings[key]}; "
+                             f"rerun with the same settings, or delete {parts}")
+
+
+def assemble(parts, n_chunks, labels, out):
+    """Rank 0: the chunks, in order, streamed into one ADM-layout npz (arr_0 uint8 NHWC, arr_1 labels):
+    one chunk in memory at a time."""
+    missing = [c for c in range(n_chunks) if not os.path.exists(chunk_path(parts, c))]
+    if missing:
+        raise ValueError(f"{parts}: chunk {missing[0]} is missing ({len(missing)} in all); rerun the command")
+    shape = (len(labels), *common.npz_array(chunk_path(parts, 0), "images").shape[1:])
+    pieces = (common.npz_array(chunk_path(parts, c), "images") for c in range(n_chunks))
+    common.write_atomic(lambda f: common.write_npz(f, {"arr_0": (np.uint8, shape, pieces),
+                                                       "arr_1": (np.int64, labels.shape, [labels.numpy()])}), out)
 
 
 def gather_in_chunk_order(parts, chunks, args):
@@ -363,8 +457,7 @@ def setup(args):
     if "RANK" in os.environ:
         if args.command != "grid":
             raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        args.rank, args.world = dist.get_rank(), dist.get_world_size()
+        args.rank, args.world = common.init_process_group()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -374,8 +467,8 @@ def setup(args):
 
 def main(args):
     for out in (getattr(args, "out", None), getattr(args, "out_npz", None)):  # before any work, not after
-        if out and os.path.isdir(out):
-            raise IsADirectoryError(f"output {out} is a directory, expected a file name")
+        if out:
+            common.check_output(out)
     setup(args)
     torch.manual_seed(args.seed)
     try:

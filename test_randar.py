@@ -8,7 +8,9 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -612,19 +614,161 @@ def weights(path):
     return torch.load(os.path.join(path, "last.pt"), weights_only=True)
 
 
-def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    common = ["--steps", 4, "--order", "raster", "--dropout", 0, "--class-dropout", 0, "--lr", 3e-3]
-    one, two = synthetic_run_dir(tmp_path / "one"), synthetic_run_dir(tmp_path / "two")
-    r = run("train.py", *tiny_train_args(one, *common, "--batch-size", 16))
+DDP_ARGS = ["--steps", 8, "--ckpt-every", 2, "--order", "raster", "--dropout", 0, "--class-dropout", 0, "--lr", 3e-3]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """An uninterrupted 2-process training run (torchrun, gloo)."""
+    out = synthetic_run_dir(tmp_path_factory.mktemp("ddp"))
+    r = torchrun("train.py", *tiny_train_args(out, *DDP_ARGS))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun("train.py", *tiny_train_args(two, *common))
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(ddp_run, tmp_path):
+    one = synthetic_run_dir(tmp_path / "one")
+    r = run("train.py", *tiny_train_args(one, *DDP_ARGS, "--batch-size", 16))
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = weights(one), weights(two)
+    a, b = weights(one), weights(ddp_run)
     assert len(b["rank_param_checksums"]) == 2 and b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
     for k in a["model"]:
         assert (a["model"][k] - b["model"][k]).abs().max() < 1e-5, k
-    loss = [[json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (one, two)]
-    assert len(loss[0]) == 4 and np.allclose(loss[0], loss[1], atol=1e-5)
+    loss = [[json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (one, ddp_run)]
+    assert len(loss[0]) == 8 and np.allclose(loss[0], loss[1], atol=1e-5)
+
+
+def child_pids(parent):
+    """{RANK: pid} of the processes whose parent is `parent` (torchrun's workers)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0")
+            found[int(dict(kv.split("=", 1) for kv in env if "=" in kv)["RANK"])] = int(pid)
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+    return found
+
+
+def test_a_rank_killed_mid_training_restarts_from_last_checkpoint_identically(ddp_run, tmp_path):
+    """torchrun --max-restarts=1, rank 1 SIGKILLed after the step-4 checkpoint: the group restarts, resumes from
+    last.pt and ends with the uninterrupted run's weights. Rank 0 is held at the step-4 save (its temporary
+    file is made a FIFO, whose open blocks) so the kill lands mid-run on any machine."""
+    out = synthetic_run_dir(tmp_path / "killed")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--max-restarts=1", os.path.join(HERE, "train.py"),
+                              *map(str, tiny_train_args(out, *DDP_ARGS))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while len(workers := child_pids(agent.pid)) < 2:
+        assert agent.poll() is None, agent.communicate()[1][-2000:]
+    os.mkfifo(os.path.join(out, f"step_0000004.tmp{workers[0]}.pt"))
+    while not (os.path.exists(os.path.join(out, "last.pt")) and weights(out)["step"] == 4):
+        assert agent.poll() is None, agent.communicate()[1][-2000:]
+    os.kill(workers[1], signal.SIGKILL)
+    stdout, err = agent.communicate(timeout=600)
+    assert agent.returncode == 0 and "resumed from" in stdout and "at step 4" in stdout, err[-3000:]
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # the FIFO was a dead process's temporary: removed
+    a, b = weights(ddp_run), weights(out)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_stalled_rank_makes_the_others_stop_after_the_timeout(tmp_path):
+    """Two ranks started by hand (no torchrun agent to clean up): rank 1 is frozen (SIGSTOP) mid-training;
+    rank 0 gives up at its next collective after --dist-timeout and exits with one line, not a hang."""
+    out = synthetic_run_dir(tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, tiny_train_args(
+            out, "--steps", 100000, "--ckpt-every", 2, "--dist-timeout", 5))], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+    try:
+        while not os.path.exists(os.path.join(out, "last.pt")):  # training is under way
+            assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    lines = re.findall(r"error: [^\r\n]*", err)  # (the line may follow tqdm's bar)
+    assert procs[0].returncode == 1 and len(lines) == 1 and "collective operation failed" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The checkpoint's temporary file is made a link to /dev/full just before the write: every write fails with
+    the kernel's ENOSPC, as on a full disk. last.pt stays the previous checkpoint, the temporary is gone, and
+    the run stops with one line naming the file and the reason."""
+    out = synthetic_run_dir(tmp_path / "run")
+    args = list(map(str, tiny_train_args(out, "--ckpt-every", 2, "--keep", 0)))
+    common.run(train.main, train.get_parser().parse_args(args + ["--steps", "2"]))
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    save_atomic = common.save_atomic
+
+    def save_onto_a_full_disk(obj, path):
+        os.symlink("/dev/full", common.temp_path(path))
+        save_atomic(obj, path)
+    monkeypatch.setattr(common, "save_atomic", save_onto_a_full_disk)
+    with pytest.raises(SystemExit) as stop:
+        common.run(train.main, train.get_parser().parse_args(args + ["--steps", "4"]))
+    assert f"cannot write {os.path.join(out, 'last.pt')}: No space left on device" in str(stop.value), stop.value
+    assert "\n" not in str(stop.value) and not [f for f in os.listdir(out) if ".tmp" in f]
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before and weights(out)["step"] == 2
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    out = synthetic_run_dir(tmp_path / "run")
+    argv = list(map(str, tiny_train_args(out, "--steps", 2)))
+    holder = common.FolderLock(out, "--out-dir")  # another job holds the folder
+    with pytest.raises(SystemExit) as stop:
+        common.run(train.main, train.get_parser().parse_args(argv))
+    assert f"--out-dir {out} is in use by pid {os.getpid()} on host" in str(stop.value), stop.value
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    holder.file.close()  # its process dies: the kernel drops the lock, the file stays behind
+    assert "pid" in open(os.path.join(out, "lock")).read()
+    common.run(train.main, train.get_parser().parse_args(argv))
+    assert weights(out)["step"] == 2 and not os.path.exists(os.path.join(out, "lock"))
+
+
+def test_tokenizer_stages_run_on_the_device_they_are_given(tmp_path, monkeypatch):
+    """Tokenizer training and encoding receive the rank's device: every model move and every batch of pixels
+    goes to it. ("cpu:0" stands for a GPU here: the same CPU, but a device no default would produce.)"""
+    moves, batches = [], []
+    to = tok.VQModel.to
+
+    def move(self, device):  # the model reports the device it was moved to, as a GPU model would
+        moves.append(torch.device(device))
+        self.moved_to = torch.device(device)
+        return to(self, device)
+    monkeypatch.setattr(tok.VQModel, "to", move)
+    monkeypatch.setattr(tok.VQModel, "device", property(lambda self: self.moved_to))
+    to_pixels = tok.to_pixels
+    monkeypatch.setattr(tok, "to_pixels", lambda images, device=None: (batches.append(device), to_pixels(images, device))[1])
+    args = train.get_parser().parse_args(["--out-dir", str(tmp_path), "--limit", "64", "--tokenizer-steps", "2"])
+    args.workers = 0
+    train.prepare_tokens(args, 0, 1, torch.device("cpu", 0))
+    assert len(moves) == 3 and set(moves) == {torch.device("cpu", 0)}  # training, then encoding of two splits
+    assert len(batches) >= 4 and set(batches) == {torch.device("cpu", 0)}
+
+
+def test_encoding_with_loader_workers_gives_the_same_tokens(tmp_path):
+    write_images(tmp_path, n=5, size=(20, 18))
+    dataset, _ = tok.open_dataset(str(tmp_path), "train", image_size=16)
+    torch.manual_seed(0)
+    vq = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "in_channels": 3})).eval()
+    (a, a_flip), a_labels = train.encode_dataset(vq, dataset, flip=True, batch_size=4, workers=0)
+    (b, b_flip), b_labels = train.encode_dataset(vq, dataset, flip=True, batch_size=4, workers=2)
+    assert torch.equal(a, b) and torch.equal(a_flip, b_flip) and torch.equal(a_labels, b_labels)
+    assert a.shape == (10, 16) and not torch.equal(a, a_flip)
 
 
 def kill_when(cmd, condition):
@@ -981,6 +1125,80 @@ def test_sample_cli_png_npz_and_seed(tiny_run, tmp_path):
     assert a["arr_1"].tolist() == [1, 1, 1, 3, 3, 3]
     assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 0
     assert Image.open(tmp_path / "a.png").size == (3 * (4 * 16 + 2), 2 * (4 * 16 + 2))  # 4x upscaled by default
+
+
+def test_sampling_killed_during_assembly_resumes_to_the_same_bytes(tiny_run, tmp_path, capsys):
+    """The FID sampler writes each chunk as it is made; a SIGKILL during the final assembly (held there: one
+    chunk file is a FIFO, whose open blocks) leaves the other chunks, which the rerun of the same command
+    reuses, making only the missing one; the npz is byte-identical to an uninterrupted run's. Parts made with
+    other settings are refused; a parts folder in use by another job is refused."""
+    argv = ["grid", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--per-class", "5",
+            "--batch-size", "2", "--steps", "5", "--seed", "2"]
+    common.run(sample.main, sample.parse(argv + ["--out-npz", str(tmp_path / "straight.npz")]))
+    out = tmp_path / "resumed.npz"
+    parts = tmp_path / "resumed.npz.parts"
+    os.makedirs(parts)
+    os.mkfifo(parts / "chunk_00002.npz")  # "already made": skipped by sampling, blocks the assembly
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py"), *argv, "--out-npz", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:  # the FIFO can be opened for writing once the assembly has opened it for reading
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            fifo = os.open(parts / "chunk_00002.npz", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
+    os.close(fifo)
+    os.remove(parts / "chunk_00002.npz")
+    assert not out.exists() and sorted(f for f in os.listdir(parts) if f.startswith("chunk_0")) == \
+        [f"chunk_0000{c}.npz" for c in (0, 1, 3, 4)]
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the killed assembly's temporary npz
+    with pytest.raises(SystemExit) as stop:  # other settings: refused, nothing touched
+        common.run(sample.main, sample.parse(argv + ["--out-npz", str(out), "--cfg", "1,3"]))
+    assert "made with --cfg = [1.0, 4.0], not [1.0, 3.0]" in str(stop.value), stop.value
+    holder = common.FolderLock(str(parts), "parts folder")  # another job at work on the same parts
+    with pytest.raises(SystemExit) as stop:
+        common.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
+    assert "is in use by pid" in str(stop.value) and len(os.listdir(parts)) == 6, stop.value  # 4 chunks, settings, lock
+    holder.release()
+    capsys.readouterr()
+    common.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
+    assert "4 of 5 chunks already on disk, 1 to make" in capsys.readouterr().out
+    assert out.read_bytes() == (tmp_path / "straight.npz").read_bytes()
+    assert not parts.exists() and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert np.load(out)["arr_1"].tolist() == [1] * 5 + [3] * 5
+
+
+def test_assembly_holds_one_chunk_at_a_time(tmp_path):
+    """40 chunks of 100 RGB 32x32 images (12 MB in all) -> one npz, with a peak of traced memory under a
+    tenth of that; the result equals the chunks concatenated."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 255, (100, 32, 32, 3), dtype=np.uint8) for _ in range(40)]
+    for c, images in enumerate(chunks):
+        common.save_atomic_npz(sample.chunk_path(str(tmp_path), c), images=images)
+    labels = torch.arange(4000) % 10
+    whole = np.concatenate(chunks)
+    del chunks
+    tracemalloc.start()
+    sample.assemble(str(tmp_path), 40, labels, str(tmp_path / "all.npz"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < whole.nbytes / 10, peak
+    assert np.array_equal(np.load(tmp_path / "all.npz")["arr_0"], whole)
+    assert np.array_equal(np.load(tmp_path / "all.npz")["arr_1"], labels.numpy())
+
+
+def test_npz_images_are_read_memory_mapped_and_unchanged(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (7, 9, 8, 3), dtype=np.uint8)
+    common.save_atomic_npz(tmp_path / "ours.npz", arr_0=images)
+    np.savez(tmp_path / "numpy.npz", arr_0=images)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    for name, mapped in (("ours", True), ("numpy", True), ("compressed", False)):
+        read = eval_fid.load_images(str(tmp_path / f"{name}.npz"))
+        assert isinstance(read, np.memmap) == mapped and np.array_equal(read, images), name
 
 
 def test_sample_figures_and_animation(tiny_run, tmp_path):

@@ -261,6 +261,10 @@ class VQModel(nn.Module):
         z_q, losses, idx = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decoder(self.post_quant_conv(z_q)), losses, idx
 
+    @property
+    def device(self):
+        return self.quant_conv.weight.device
+
     @torch.no_grad()
     def encode(self, images):
         return self.quantize(self.quant_conv(self.encoder(images)))[2]
@@ -408,8 +412,9 @@ def open_dataset(data, split="train", data_dir=None, image_size=32):
     return ds, len(ds.classes)
 
 
-def to_pixels(images_uint8):
-    return images_uint8.float() / 127.5 - 1.0
+def to_pixels(images_uint8, device=None):
+    """uint8 images -> floats in [-1, 1] on `device` (moved as uint8: a quarter of the bytes)."""
+    return images_uint8.to(device, non_blocking=True).float() / 127.5 - 1.0
 
 
 def to_uint8(pixels):
@@ -428,12 +433,14 @@ def check_fits(cfg, dataset):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size=256):
-    """PSNR (dB, on uint8 pixels) and % of codes used on a dataset."""
-    mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool)
-    for images, _ in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="eval"):
-        idx = model.encode(to_pixels(images))
-        recon = to_uint8(model.decode(idx)).float()
+def evaluate(model, dataset, batch_size=256, workers=0):
+    """PSNR (dB, on uint8 pixels) and % of codes used on a dataset, on the model's device."""
+    device = model.device
+    mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    for images, _ in tqdm(loader, desc="eval"):
+        idx = model.encode(to_pixels(images, device))
+        recon = to_uint8(model.decode(idx)).float().cpu()
         mse += (recon - images.float()).pow(2).mean(dim=(1, 2, 3)).sum().item()
         count += len(images)
         used[idx.unique()] = True
@@ -444,16 +451,27 @@ def limited(dataset, limit):
     return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
+def loader_workers(data, workers=None):
+    """DataLoader processes for reading images: as asked, else none for the in-memory Fashion-MNIST and up
+    to 8 for an ImageFolder, whose JPEG decoding would otherwise starve the device."""
+    if workers is not None:
+        return workers
+    return 0 if data == "fashion-mnist" else min(8, os.cpu_count() or 1)
+
+
 def main(args):
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "train":
         from train import train_tokenizer  # the training stages live in train.py, which imports this file
-        return train_tokenizer(args.out_dir, args.data, args.data_dir, args.image_size, args.limit, args.preset,
-                               args.steps, args.batch_size, args.lr, args.flip, args.reinit_every, args.image_every,
-                               args.seed)
-    model = load_tokenizer(args.ckpt)
+        return train_tokenizer(args.out_dir, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
+                               limit=args.limit, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                               lr=args.lr, flip=args.flip, reinit_every=args.reinit_every,
+                               image_every=args.image_every, seed=args.seed, device=device,
+                               workers=loader_workers(args.data, args.workers))
+    model = load_tokenizer(args.ckpt, device)
     dataset = limited(open_dataset(args.data, args.split, args.data_dir, args.image_size)[0], args.limit)
     check_fits(model.config, dataset)
-    psnr, usage = evaluate(model, dataset)
+    psnr, usage = evaluate(model, dataset, workers=loader_workers(args.data, args.workers))
     print(f"{args.split}: PSNR {psnr:.2f} dB, codebook usage {usage:.1f}% of {model.config.codebook_size} codes")
 
 
@@ -466,6 +484,9 @@ def get_parser():
         s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
         s.add_argument("--image-size", type=positive_int, default=32)
         s.add_argument("--limit", type=non_negative_int, default=0, help="use only the first N images (0: all)")
+        s.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+        s.add_argument("--workers", type=non_negative_int, default=None,
+                       help="DataLoader processes (default: 0 for fashion-mnist, else min(8, CPU cores))")
         if name == "train":
             s.add_argument("--preset", default="demo", choices=PRESETS)
             s.add_argument("--out-dir", default="runs/demo")

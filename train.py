@@ -11,7 +11,6 @@ same command resumes exactly where it stopped. Under torchrun, DistributedDataPa
 (gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
 """
 import copy
-import hashlib
 import json
 import math
 import os
@@ -34,13 +33,13 @@ from randar import PRESETS, RandAR, RandARConfig
 # ----------------------------------------------------------------------------------------------
 # Setup: distributed or not, one code path.
 
-def setup_distributed():
+def setup_distributed(timeout_s=1800):
+    """(rank, world, device): torchrun's process group (common.init_process_group) and the rank's GPU, or
+    one process on the GPU or the CPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if backend == "nccl":
+    rank, world = common.init_process_group(timeout_s)
+    if torch.cuda.is_available():
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
@@ -64,8 +63,10 @@ def learning_rate(step, args):
 # Stage 1: the tokenizer (skipped when --tokenizer-ckpt or <out-dir>/tokenizer.pt exists)
 
 def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=3000,
-                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0):
-    """Train the VQ autoencoder (MSE + VQ losses) and write <out_dir>/tokenizer.pt; returns its path."""
+                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0, device="cpu",
+                    workers=0):
+    """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt; returns its
+    path. `workers` DataLoader processes decode the images (ImageFolder) while the model trains."""
     torch.manual_seed(seed)
     dataset = tok.limited(tok.open_dataset(data, "train", data_dir, image_size)[0], limit)
     cfg = tok.PRESETS[preset]
@@ -74,18 +75,19 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     tok.check_fits(cfg, dataset)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "tokenizer.pt")
-    model = tok.VQModel(cfg)
+    model = tok.VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
     print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps -> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
-    code_hits = torch.zeros(cfg.codebook_size)
+    code_hits = torch.zeros(cfg.codebook_size, device=device)
     step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
     while step < steps:
         for images, _ in loader:
-            x = tok.to_pixels(images)
+            x = tok.to_pixels(images, device)
             if flip:
-                mirror = torch.rand(x.size(0)) < 0.5
+                mirror = (torch.rand(x.size(0)) < 0.5).to(device)
                 x[mirror] = x[mirror].flip(-1)
             for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
                 group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -122,33 +124,36 @@ def reinit_dead_codes(model, code_hits, x):
     if len(dead) == 0:
         return
     z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
-    pick = torch.randint(0, z.size(0), (len(dead),))
+    pick = torch.randint(0, z.size(0), (len(dead),)).to(z.device)
     model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
 
 
 @torch.no_grad()
 def save_reconstructions(model, images, path):
     model.eval()
-    recon = tok.to_uint8(model.decode(model.encode(tok.to_pixels(images))))
+    recon = tok.to_uint8(model.decode(model.encode(tok.to_pixels(images, model.device)))).cpu()
     common.save_png(common.image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
 
 
-def prepare_tokens(args, rank, world):
+def prepare_tokens(args, rank, world, device):
     """Tokenizer checkpoint (trained here if missing, on rank 0) and the cached token files of both splits,
-    each encoded by all ranks together (encode_split) and refused if made from other inputs."""
+    each encoded by all ranks together (encode_split) and refused if made from other inputs. Both stages
+    run on the rank's device."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
     data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, **data)
+        train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, device=device, workers=args.workers,
+                        **data)
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
     for split, path in files.items():
         flip = args.flip and split == "train"
         if not os.path.exists(path):
-            encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, **data)
+            encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, device=device, workers=args.workers,
+                         **data)
             barrier()
             if rank == 0 and world > 1:
                 join_parts(path, world)
@@ -166,39 +171,32 @@ def prepare_tokens(args, rank, world):
 # The token cache: every image encoded once, split over the ranks.
 
 @torch.no_grad()
-def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True):
-    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,)."""
+def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True, workers=0):
+    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,).
+    Runs on the model's device, in fp32 (lower precision could move a latent to another nearest code);
+    `workers` DataLoader processes read and decode the images meanwhile."""
     views = [[] for _ in range(1 + flip)]
     labels = []
-    for images, y in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc="encode",
-                          disable=not show_progress):
-        x = tok.to_pixels(images)
+    device = model.device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    for images, y in tqdm(loader, desc="encode", disable=not show_progress):
+        x = tok.to_pixels(images, device)
         for out, view in zip(views, [x, x.flip(-1)]):
-            out.append(model.encode(view).flatten(1))
+            out.append(model.encode(view).flatten(1).cpu())
         labels.append(torch.as_tensor(y))
     dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
     return [torch.cat(v).to(dtype) for v in views], torch.cat(labels)
 
 
-def file_fingerprint(path, block=1 << 20):
-    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(block))
-        f.seek(max(size - block, 0))
-        digest.update(f.read(block))
-    return f"{size}:{digest.hexdigest()[:16]}"
-
-
 def encode_source(ckpt, data, split, image_size, limit, flip):
     """What a token file was made from; train.py refuses a cache made from something else."""
     return {"data": data, "split": split, "image_size": image_size, "limit": limit, "flip": flip,
-            "tokenizer": file_fingerprint(ckpt)}
+            "tokenizer": common.file_fingerprint(ckpt)}
 
 
 def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
-                 rank=0, world=1, device="cpu"):
+                 rank=0, world=1, device="cpu", workers=0):
     """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into
     its own part file; the last rank to finish is not waited for long, and rank 0 joins the parts in
     order (the result is the same file for any number of ranks). Call on every rank, then barrier,
@@ -209,7 +207,7 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
     tok.check_fits(model.config, dataset)
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
     views, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), flip,
-                                   show_progress=rank == 0)
+                                   show_progress=rank == 0, workers=workers)
     header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
               "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
     if world == 1:
@@ -279,12 +277,7 @@ def sample_grid(model, vq, path, args, device, ctx):
 # ----------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, world, device = setup_distributed()
-    is_main = rank == 0
-    seed = args.seed * world + rank  # per-rank seed
-    torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    rank, world, device = setup_distributed(args.dist_timeout)
     # Everything that can fail before the expensive stages is checked first.
     if args.data != "fashion-mnist" and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
@@ -293,6 +286,25 @@ def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f"--out-dir {args.out_dir} is not writable")
+    lock = []  # one job per folder: two would overwrite each other's checkpoints
+    common.rank0_decides(lambda: lock.append(common.FolderLock(args.out_dir, "--out-dir")), rank)
+    try:
+        run_training(args, rank, world, device)
+    finally:
+        if lock:
+            lock[0].release()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_training(args, rank, world, device):
+    """The stages, in order: tokens (prepare_tokens), then RandAR from scratch or from the last checkpoint."""
+    is_main = rank == 0
+    seed = args.seed * world + rank  # per-rank seed
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    args.workers = tok.loader_workers(args.data, args.workers)
     last = os.path.join(args.out_dir, "last.pt")
     resume = args.resume or (last if os.path.exists(last) else None)  # an explicit --resume, else last.pt
     ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
@@ -308,7 +320,7 @@ def main(args):
               f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
               f"rank seed {seed}; writing to {args.out_dir}/")
 
-    vq_path, data = prepare_tokens(args, rank, world)
+    vq_path, data = prepare_tokens(args, rank, world, device)
     train_tokens, train_labels = data["train"]["tokens"], data["train"]["labels"]
     n_tokens = train_tokens.size(1)
     cfg = replace(PRESETS[args.preset], vocab_size=data["train"]["vocab_size"], block_size=n_tokens,
@@ -456,8 +468,6 @@ def main(args):
     bar.close()
     if is_main:
         print(f"done: {step} steps; checkpoint {last}, samples {os.path.join(args.out_dir, 'samples.png')}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def get_parser():
@@ -490,6 +500,10 @@ def get_parser():
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
     p.add_argument("--rope-base", type=common.positive_number, default=None, help="override the preset's RoPE base")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (on CPU: needs a C compiler)")
+    p.add_argument("--workers", type=common.non_negative_int, default=None,
+                   help="DataLoader processes for the tokenizer stages (default: 0 for fashion-mnist, else min(8, cores))")
+    p.add_argument("--dist-timeout", type=common.positive_number, default=1800,
+                   help="seconds a rank waits at a collective for the others before it stops with an error")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=common.positive_int, default=10)
