@@ -165,15 +165,21 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1)
 
 
 def check_output(path):
-    """Refuse an output that is a folder and create its parent folder: called before long work, not after."""
+    """Refuse, before long work rather than after it, an output that is a folder or that cannot be created
+    (missing folders are made when the file is written)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path} is a directory, expected a file name")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise PermissionError(f"output {path} cannot be written ({folder} is not a writable folder)")
 
 
 def temp_path(path):
     """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
     check_output(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
     return f"{root}.tmp{os.getpid()}{ext}"
 
@@ -209,7 +215,7 @@ def write_atomic(write, path):
     """write(file object) into a temporary file, flushed to disk, then renamed onto path: a crash or a
     failed write (disk full, quota) leaves the old file intact, no temporary behind, and one OSError
     naming the path."""
-    tmp = temp_path(path)
+    tmp, recorded = temp_path(path), None
     try:
         with open(tmp, "wb") as f:
             recorded = WriteErrors(f)
@@ -218,7 +224,7 @@ def write_atomic(write, path):
             os.fsync(f.fileno())  # a full disk can surface only here; the rename must not come first
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        cause = recorded.error or e
+        cause = (recorded and recorded.error) or e
         if not isinstance(cause, OSError):
             raise
         raise OSError(f"cannot write {path}: {cause.strerror or cause} (any previous {os.path.basename(path)} is "
@@ -442,7 +448,10 @@ def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
     try:
         main(args)
     except errors as e:
-        sys.exit(f"error: {e}")
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original error's line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
     except RuntimeError as e:
         if not dist.is_initialized():
             raise

@@ -163,7 +163,7 @@ def sample_to_npz(model, vq, labels, args):
 
 def run_settings(model, labels, args):
     """Everything that decides a chunk's images (not the number of processes), as the flags name it."""
-    settings = {"--ckpt": os.path.abspath(args.ckpt), "--ckpt contents": common.file_fingerprint(args.ckpt),
+    settings = {"--ckpt contents": common.file_fingerprint(args.ckpt),
                 "model config": asdict(model.config), "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
                 "device type": args.device.type, "--cfg": args.cfg, "--steps": args.steps, "--order": args.order,
                 "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
@@ -439,7 +439,8 @@ def bench(model, args):
             t, n_steps = statistics.median(runs[name]), N if order is None else len(decoding_schedule(N, steps))
             floor = step_floor_ms(model, groups * batch, n_steps, flops_s, bytes_s)
             rows.append((batch, name, t, n_steps, floor, base / t))
-    print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}, CFG "
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
+    print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}{peak}, CFG "
           f"{args.cfg}, median of {args.repeats}; machine: {flops_s / 1e9:.0f} GFLOP/s matmul, "
           f"{bytes_s / 1e9:.1f} GB/s copy")
     print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager random |")

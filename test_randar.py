@@ -1051,6 +1051,22 @@ def test_eval_fid_cli_errors(tmp_path):
     assert r.returncode != 0 and "hash" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_eval_fid_output_paths_are_checked_before_the_work(tmp_path, monkeypatch):
+    """--json into a folder that does not exist yet is created; into an existing folder (a path that cannot be
+    written) it is refused before Inception is even loaded, not after tens of minutes."""
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048), extractor=eval_fid.STATS_EXTRACTOR)
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(eval_fid, "load_inception", lambda *a: pytest.fail("the work started"))
+    for argv in ([tmp_path / "images.npz", tmp_path / "stats.npz", "--json", tmp_path],
+                 [tmp_path / "images.npz", "--save-stats", tmp_path]):
+        with pytest.raises(SystemExit) as stop:
+            common.run(eval_fid.main, eval_fid.get_parser().parse_args(list(map(str, argv))))
+        assert f"output {tmp_path} is a directory" in str(stop.value)
+    out = tmp_path / "new" / "deeper" / "fid.json"
+    common.run(eval_fid.main, eval_fid.get_parser().parse_args([str(tmp_path / "stats.npz")] * 2 + ["--json", str(out)]))
+    assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
 # ---- resolution extrapolation ------------------------------------------------------------------
 
 def test_rope_tables_match_reference_and_extrapolation_mix(fx):

@@ -79,7 +79,7 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
-    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps -> {ckpt_path}")
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} -> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size, device=device)
     step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
@@ -180,7 +180,7 @@ def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=Tru
     device = model.device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    for images, y in tqdm(loader, desc="encode", disable=not show_progress):
+    for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
         x = tok.to_pixels(images, device)
         for out, view in zip(views, [x, x.flip(-1)]):
             out.append(model.encode(view).flatten(1).cpu())
