@@ -79,7 +79,8 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
-    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} -> {ckpt_path}")
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} "
+          f"-> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size, device=device)
     step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
@@ -104,7 +105,8 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
                 reinit_dead_codes(model, code_hits, x)
                 code_hits.zero_()
             bar.update(1)
-            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
+            if step % 10 == 0:  # reading the loss waits for the device: not at every step
+                bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
             if step % image_every == 0 or step == steps:
                 save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
             if step == steps:
