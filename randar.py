@@ -129,6 +129,14 @@ def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
     return torch.cat([torch.zeros(1, head_dim // 2, 2), table])
 
 
+def default_ntk_boundary(head_dim, base):
+    """How many of the highest RoPE frequencies keep raw coordinates when extrapolating (docs/algorithm.md §8).
+    The reference's 2 was chosen for its RoPE (base 10000, 16 frequency pairs per axis): the released models
+    get it. Any other RoPE gets 0, every frequency interpolated, so the known tokens sit at exactly their
+    training angles; on the demo (base 10, 8 pairs) 1 and 2 smear the garments (docs/experiments.md, (c))."""
+    return 2 if base == 10000 and head_dim >= 64 else 0
+
+
 def apply_rope(x, rope):
     """x (B, T, H, hd), rope (B, T, hd/2, 2) -> x rotated pairwise, computed in float32."""
     xp = x.float().reshape(*x.shape[:-1], x.size(-1) // 2, 2)  # (B, T, H, hd/2, 2)
@@ -484,14 +492,14 @@ class RandAR(nn.Module):
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), temperature=1.0, top_k=0,
                  top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg_scale=None,
-                 ntk_boundary=2, compile=False):
+                 ntk_boundary=None, compile=False):
         """Sample [B, N] tokens (raster layout) for class labels [B].
 
         order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None: one token per step;
         fewer: parallel decoding, cosine schedule). cfg_scale: (start, end) of the linear guidance schedule,
         applied iff end > 1 (as the reference). known: (positions [B, K], tokens [B, K]) fed teacher-forced
         first, returned unchanged (editing). grid: grid x grid tokens with the NTK-mixed RoPE (resolution
-        extrapolation, docs/algorithm.md §8); spatial_cfg_scale: (start, end) of guidance against a copy
+        extrapolation, docs/algorithm.md §8; ntk_boundary None: default_ntk_boundary); spatial_cfg_scale: (start, end) of guidance against a copy
         with half the known tokens dropped, used iff both ends > 1. compile: the decode step runs through
         torch.compile (CUDA graphs on GPU). callback(step, logits [B, n, V] after guidance, tokens [B, n]).
         """
@@ -500,8 +508,11 @@ class RandAR(nn.Module):
         N, labels = grid * grid, self.check_labels(labels)
         rope = self.rope
         if grid != self.config.grid:  # low frequencies interpolated by exactly g/G (docs/algorithm.md §8)
-            rope = rope_table_2d(grid, self.config.dim // self.config.n_head, self.config.rope_base,
-                                 scale=self.config.grid / grid, ntk_boundary=ntk_boundary).to(rope.device)
+            head_dim = self.config.dim // self.config.n_head
+            if ntk_boundary is None:
+                ntk_boundary = default_ntk_boundary(head_dim, self.config.rope_base)
+            rope = rope_table_2d(grid, head_dim, self.config.rope_base, scale=self.config.grid / grid,
+                                 ntk_boundary=ntk_boundary).to(rope.device)
         positions, canvas, is_known = self._known_canvas(known, labels.size(0), N)
         order = self._generation_order(order, positions, is_known, N, generator)
         if positions.size(1) == N:

@@ -562,8 +562,9 @@ def get_parser():
             s.add_argument("--factor", type=common.positive_int, default=2, help="generate at this many times the training grid")
             s.add_argument("--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
             s.add_argument("--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
-            s.add_argument("--ntk-boundary", type=int, default=2,
-                           help="highest RoPE frequencies that keep raw coordinates (reference: 2)")
+            s.add_argument("--ntk-boundary", type=common.non_negative_int, default=None,
+                           help="highest RoPE frequencies that keep raw coordinates (default: the reference's 2 "
+                                "for its RoPE, base 10000 with head dim >= 64, as the released models; else 0)")
     return p
 
 

@@ -460,7 +460,7 @@ def test_tokenizer_learns_on_real_fashion_mnist(tmp_path):
         losses.append(loss.item())
         hits += torch.bincount(idx.flatten(), minlength=512)
         if step % 10 == 9:
-            train.reinit_dead_codes(model, hits, batch)
+            tok.reinit_dead_codes(model, hits, batch)
             hits.zero_()
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     psnr, usage = tok.evaluate(model.eval(), torch.utils.data.TensorDataset(images[:256], labels[:256]))
@@ -528,7 +528,7 @@ def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # run-to-run differences come from multi-threaded reductions
     try:
-        runs = [torch.load(train.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64, flip=True,
+        runs = [torch.load(tok.train_tokenizer(str(tmp_path / str(r)), limit=1024, steps=20, batch_size=64, flip=True,
                                                reinit_every=5, image_every=100), weights_only=True)["model"]
                 for r in range(2)]
     finally:
@@ -702,6 +702,19 @@ def test_a_stalled_rank_makes_the_others_stop_after_the_timeout(tmp_path):
     lines = re.findall(r"error: [^\r\n]*", err)  # (the line may follow tqdm's bar)
     assert procs[0].returncode == 1 and len(lines) == 1 and "collective operation failed" in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_a_training_step_leaves_no_autograd_history_on_the_ema_weights(tmp_path):
+    """The EMA update runs without autograd: a graph chained through every step would grow without end."""
+    out = synthetic_run_dir(tmp_path / "run")
+    args = train.get_parser().parse_args(list(map(str, tiny_train_args(out))))
+    data = torch.load(os.path.join(out, "tokens_train.pt"), weights_only=True)
+    run = train.Run(train.model_config(args, data), args, torch.device("cpu"), 0, 1, os.path.join(out, "tokenizer.pt"))
+    before = [p.clone() for p in run.ema.parameters()]
+    for _ in range(2):
+        run.train_step([(data["tokens"][:8].long(), data["labels"][:8])], torch.enable_grad(), torch.zeros(()))
+    assert all(p.grad_fn is None and not p.requires_grad for p in run.ema.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.ema.parameters()))  # the EMA did move
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -1104,6 +1117,17 @@ def test_extrapolated_generation_decodes_every_token_and_keeps_the_base():
     assert torch.equal(model.rope, rope_table_2d(4, 16))  # the training table is back
 
 
+def test_ntk_boundary_default_is_the_references_for_its_rope_and_zero_otherwise():
+    """The released models (base 10000, head dim 64) get the reference's 2, the demo 0; generate() uses it."""
+    for name, boundary in (("L", 2), ("XL", 2), ("XXL", 2), ("demo", 0)):
+        cfg = randar.PRESETS[name]
+        assert randar.default_ntk_boundary(cfg.dim // cfg.n_head, cfg.rope_base) == boundary, name
+    model = random_gpt(rope_base=10.0)
+    runs = [model.generate(torch.tensor([1, 2]), grid=8, steps=12, ntk_boundary=b,
+                           generator=torch.Generator().manual_seed(0)) for b in (None, 0, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
 def test_spatial_cfg_at_scale_one_is_plain_decoding():
     model = random_gpt(seed=12)
     positions = torch.tensor([[0, 2, 5, 7, 8, 10, 13, 15]])
@@ -1396,3 +1420,35 @@ def test_llamagen_style_file_without_config_loads_as_vq16(tmp_path):
     loaded = tok.load_tokenizer(path)
     assert loaded.config == tok.PRESETS["llamagen-vq16"]
     assert torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)
+
+
+# ---- the code base -----------------------------------------------------------------------------
+
+SCRIPTS = ("common", "eval_fid", "randar", "sample", "tokenizer", "train")
+
+
+def import_circle(graph):
+    """A list of modules that import each other in a circle (first == last), or None; graph: {module: imports}."""
+    def visit(module, path):
+        if module in path:
+            return path[path.index(module):] + [module]
+        return next((c for m in graph.get(module, ()) if (c := visit(m, path + [module]))), None)
+    return next((c for m in graph if (c := visit(m, []))), None)
+
+
+def test_imports_run_one_way_and_functions_stay_short():
+    """No script imports one that imports it back (imports anywhere in a file count, not only at the top), and
+    no function is longer than 60 lines."""
+    import ast
+    graph, long = {}, []
+    for name in SCRIPTS:
+        tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+            {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = sorted(imported & set(SCRIPTS))
+        long += [(name, n.name) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.end_lineno - n.lineno + 1 > 60]
+    assert import_circle(graph) is None, import_circle(graph)
+    circle = import_circle({**graph, "randar": ["sample"]})  # the check can fail: sample imports randar
+    assert circle and circle[0] == circle[-1] and {"randar", "sample"} <= set(circle), circle
+    assert not long, long

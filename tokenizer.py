@@ -8,16 +8,17 @@ dict under "model") load strictly into the `llamagen-vq16` preset.
     python tokenizer.py eval --ckpt runs/demo/tokenizer.pt            # PSNR + codebook usage on test
     python tokenizer.py train --data path/to/imagefolder --image-size 64 ...       # your own images
 
-`python train.py` runs the same training (train.train_tokenizer) as its first stage, then encodes
-the dataset to tokens (train.encode_split) before RandAR trains on them.
+`python train.py` runs the same training (train_tokenizer) as its first stage, then encodes the dataset
+to tokens (train.encode_split) before RandAR trains on them.
 """
 import gzip
 import hashlib
 import math
 import os
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import ArgumentParser, load_torch_file, non_negative_int, positive_int, positive_number, run
+from common import (ArgumentParser, image_grid, load_torch_file, non_negative_int, positive_int, positive_number, run,
+                    save_atomic, save_png)
 
 
 @dataclass
@@ -422,6 +424,84 @@ def to_uint8(pixels):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training (train.py's first stage, or `python tokenizer.py train`)
+
+def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=600,
+                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0, device="cpu",
+                    workers=0):
+    """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt; returns its
+    path. `workers` DataLoader processes decode the images (ImageFolder) while the model trains."""
+    torch.manual_seed(seed)
+    dataset = limited(open_dataset(data, "train", data_dir, image_size)[0], limit)
+    cfg = PRESETS[preset]
+    if data != "fashion-mnist" and cfg.in_channels != 3:
+        cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
+    check_fits(cfg, dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
+    model = VQModel(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} "
+          f"-> {ckpt_path}")
+    fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
+    code_hits = torch.zeros(cfg.codebook_size, device=device)
+    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
+    while step < steps:
+        for images, _ in loader:
+            x = to_pixels(images, device)
+            if flip:
+                mirror = (torch.rand(x.size(0)) < 0.5).to(device)
+                x[mirror] = x[mirror].flip(-1)
+            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            model.train()
+            recon, losses, idx = model(x)
+            rec_loss = F.mse_loss(recon, x)
+            loss = rec_loss + sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
+            step += 1
+            if step % reinit_every == 0 and step < 0.8 * steps:
+                reinit_dead_codes(model, code_hits, x)
+                code_hits.zero_()
+            bar.update(1)
+            if step % 10 == 0:  # reading the loss waits for the device: not at every step
+                bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
+            if step % image_every == 0 or step == steps:
+                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
+            if step == steps:
+                break
+    bar.close()
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data,
+                        "image_size": image_size}, ckpt_path)
+    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
+          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
+    return ckpt_path
+
+
+@torch.no_grad()
+def reinit_dead_codes(model, code_hits, x):
+    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
+    dead = (code_hits == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
+    pick = torch.randint(0, z.size(0), (len(dead),)).to(z.device)
+    model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path):
+    model.eval()
+    recon = to_uint8(model.decode(model.encode(to_pixels(images, model.device)))).cpu()
+    save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
+
+
+# ----------------------------------------------------------------------------------------------
 # Commands
 
 def check_fits(cfg, dataset):
@@ -462,7 +542,6 @@ def loader_workers(data, workers=None):
 def main(args):
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "train":
-        from train import train_tokenizer  # the training stages live in train.py, which imports this file
         return train_tokenizer(args.out_dir, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
                                limit=args.limit, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                                lr=args.lr, flip=args.flip, reinit_every=args.reinit_every,
@@ -490,7 +569,7 @@ def get_parser():
         if name == "train":
             s.add_argument("--preset", default="demo", choices=PRESETS)
             s.add_argument("--out-dir", default="runs/demo")
-            s.add_argument("--steps", type=positive_int, default=3000)
+            s.add_argument("--steps", type=positive_int, default=600, help="train.py's --tokenizer-steps")
             s.add_argument("--batch-size", type=positive_int, default=64)
             s.add_argument("--lr", type=positive_number, default=2e-3)
             s.add_argument("--flip", action="store_true", help="random horizontal flips")

@@ -21,7 +21,6 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -59,84 +58,6 @@ def learning_rate(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: the tokenizer (skipped when --tokenizer-ckpt or <out-dir>/tokenizer.pt exists)
-
-def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=3000,
-                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0, device="cpu",
-                    workers=0):
-    """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt; returns its
-    path. `workers` DataLoader processes decode the images (ImageFolder) while the model trains."""
-    torch.manual_seed(seed)
-    dataset = tok.limited(tok.open_dataset(data, "train", data_dir, image_size)[0], limit)
-    cfg = tok.PRESETS[preset]
-    if data != "fashion-mnist" and cfg.in_channels != 3:
-        cfg = tok.VQConfig(**{**asdict(cfg), "in_channels": 3})
-    tok.check_fits(cfg, dataset)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
-    model = tok.VQModel(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0)
-    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} "
-          f"-> {ckpt_path}")
-    fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
-    code_hits = torch.zeros(cfg.codebook_size, device=device)
-    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
-    while step < steps:
-        for images, _ in loader:
-            x = tok.to_pixels(images, device)
-            if flip:
-                mirror = (torch.rand(x.size(0)) < 0.5).to(device)
-                x[mirror] = x[mirror].flip(-1)
-            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
-                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            model.train()
-            recon, losses, idx = model(x)
-            rec_loss = F.mse_loss(recon, x)
-            loss = rec_loss + sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-            step += 1
-            if step % reinit_every == 0 and step < 0.8 * steps:
-                reinit_dead_codes(model, code_hits, x)
-                code_hits.zero_()
-            bar.update(1)
-            if step % 10 == 0:  # reading the loss waits for the device: not at every step
-                bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
-            if step % image_every == 0 or step == steps:
-                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
-            if step == steps:
-                break
-    bar.close()
-    common.save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data,
-                        "image_size": image_size}, ckpt_path)
-    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {tok.VectorQuantizer.USAGE_LOG} codes "
-          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
-    return ckpt_path
-
-
-@torch.no_grad()
-def reinit_dead_codes(model, code_hits, x):
-    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
-    dead = (code_hits == 0).nonzero().flatten()
-    if len(dead) == 0:
-        return
-    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
-    pick = torch.randint(0, z.size(0), (len(dead),)).to(z.device)
-    model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
-
-
-@torch.no_grad()
-def save_reconstructions(model, images, path):
-    model.eval()
-    recon = tok.to_uint8(model.decode(model.encode(tok.to_pixels(images, model.device)))).cpu()
-    common.save_png(common.image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
-
-
 def prepare_tokens(args, rank, world, device):
     """Tokenizer checkpoint (trained here if missing, on rank 0) and the cached token files of both splits,
     each encoded by all ranks together (encode_split) and refused if made from other inputs. Both stages
@@ -146,8 +67,8 @@ def prepare_tokens(args, rank, world, device):
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, device=device, workers=args.workers,
-                        **data)
+        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, device=device,
+                            workers=args.workers, **data)
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
@@ -300,176 +221,231 @@ def main(args):
 
 
 def run_training(args, rank, world, device):
-    """The stages, in order: tokens (prepare_tokens), then RandAR from scratch or from the last checkpoint."""
-    is_main = rank == 0
-    seed = args.seed * world + rank  # per-rank seed
+    """The stages, top to bottom: token cache (prepare_tokens), model, then RandAR training from scratch or
+    from the last checkpoint, with validation, samples and checkpoints along the way."""
+    is_main, seed = rank == 0, args.seed * world + rank  # per-rank seed
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     args.workers = tok.loader_workers(args.data, args.workers)
-    last = os.path.join(args.out_dir, "last.pt")
-    resume = args.resume or (last if os.path.exists(last) else None)  # an explicit --resume, else last.pt
-    ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
-    if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
-        raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from it)")
-    if is_main:  # a process killed mid-write leaves its temporary file behind; the finished file is intact
-        for name in os.listdir(args.out_dir):
-            if re.search(r"\.tmp\d+(\.\w+)?$", name):
-                os.remove(os.path.join(args.out_dir, name))
+    resume, ckpt = find_checkpoint(args, is_main)
     global_batch = args.batch_size * world * args.grad_accum
     if is_main:
         print(f"RandAR '{args.preset}' on {args.data}, order={args.order}, {args.steps} steps, global batch "
               f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
               f"rank seed {seed}; writing to {args.out_dir}/")
-
     vq_path, data = prepare_tokens(args, rank, world, device)
-    train_tokens, train_labels = data["train"]["tokens"], data["train"]["labels"]
-    n_tokens = train_tokens.size(1)
-    cfg = replace(PRESETS[args.preset], vocab_size=data["train"]["vocab_size"], block_size=n_tokens,
-                  num_classes=data["train"]["num_classes"])
+    cfg = model_config(args, data["train"])
+    torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
+    run = Run(cfg, args, device, rank, world, vq_path)
+    if resume:
+        run.restore(ckpt, resume)
+    vq = tok.load_tokenizer(vq_path, device) if is_main else None
+    if resume and len(ckpt["rng"]) == world:  # same world size: every rank continues its own random stream
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])  # (restored after every init that draws random numbers)
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    tokens, labels = data["train"]["tokens"], data["train"]["labels"]
+    sampler = torch.utils.data.DistributedSampler(range(len(tokens)), num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"{len(tokens)} training images are fewer than one global batch ({global_batch})")
+    log = Log(args, is_main, global_batch * tokens.size(1), run.step, device)
+    while run.step < args.steps:
+        sampler.set_epoch(run.epoch)  # a new shuffle per epoch, the same on every rank
+        used = per_epoch * args.grad_accum * args.batch_size
+        indices = torch.tensor(list(sampler)[:used]).view(-1, args.batch_size)  # [micro-batches, batch]
+        while run.batch_in_epoch < per_epoch and run.step < args.steps:
+            micro = indices[run.batch_in_epoch * args.grad_accum:(run.batch_in_epoch + 1) * args.grad_accum]
+            lr, grad_norm = run.train_step([(tokens[i].long().to(device), labels[i].to(device)) for i in micro],
+                                           ctx, log.window_loss)
+            log.after_step(run.step, lr, grad_norm, run.last)
+            if run.step % args.eval_every == 0 or run.step == args.steps:
+                log.validation(run.step, validation_loss(run.sampling_model, data["test"], args, device, ctx))
+            if is_main and ((args.sample_every and run.step % args.sample_every == 0) or run.step == args.steps):
+                sample_grid(run.sampling_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
+            if run.step % args.ckpt_every == 0 or run.step == args.steps:
+                run.save()
+            barrier()
+        if run.batch_in_epoch >= per_epoch:
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    log.close()
+    if is_main:
+        print(f"done: {run.step} steps; checkpoint {run.last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+
+
+def find_checkpoint(args, is_main):
+    """(path, contents) of the checkpoint to resume from: --resume, else <out-dir>/last.pt, else (None, None).
+    Rank 0 also removes the temporary files a killed process left (the finished files are intact)."""
+    last = os.path.join(args.out_dir, "last.pt")
+    resume = args.resume or (last if os.path.exists(last) else None)
+    ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
+    if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
+        raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from it)")
+    if is_main:
+        for name in os.listdir(args.out_dir):
+            if re.search(r"\.tmp\d+(\.\w+)?$", name):
+                os.remove(os.path.join(args.out_dir, name))
+    return resume, ckpt
+
+
+def model_config(args, token_file):
+    """The preset, sized to the token cache (vocabulary, tokens per image, classes), with the flags' overrides."""
+    cfg = replace(PRESETS[args.preset], vocab_size=token_file["vocab_size"], block_size=token_file["tokens"].size(1),
+                  num_classes=token_file["num_classes"])
     if args.dropout is not None:
         cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
     if args.class_dropout is not None:
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
     if args.rope_base is not None:
         cfg = replace(cfg, rope_base=args.rope_base)
-    torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
-    model = RandAR(cfg).to(device)
-    # Exponential moving average of the weights, for sampling and validation: averaging the last few hundred
-    # steps' weights removes much of the optimizer's noise, which a short run is full of.
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm weights
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    return cfg
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume:
-        if RandARConfig.from_dict(ckpt["config"]) != cfg:
-            raise ValueError(f"{resume} was trained with another config; use a new --out-dir")
-        model.load_state_dict(ckpt["model"], strict=True)
-        if args.ema:
+
+class Run:
+    """The model being trained, its EMA, its optimizer and where training stands: what a checkpoint holds."""
+
+    def __init__(self, cfg, args, device, rank, world, vq_path):
+        self.cfg, self.args, self.device, self.rank, self.world, self.vq_path = cfg, args, device, rank, world, vq_path
+        self.last = os.path.join(args.out_dir, "last.pt")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.model = RandAR(cfg).to(device)
+        # Exponential moving average of the weights, for sampling and validation: averaging the last few hundred
+        # steps' weights removes much of the optimizer's noise, which a short run is full of.
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if args.ema else None
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                                     fused=device.type == "cuda")
+        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 \
+            else self.model
+        self.forward = torch.compile(self.ddp, dynamic=False) if args.compile else self.ddp
+        self.ddp.train()
+
+    @property
+    def sampling_model(self):
+        return self.ema or self.model
+
+    def restore(self, ckpt, path):
+        if RandARConfig.from_dict(ckpt["config"]) != self.cfg:
+            raise ValueError(f"{path} was trained with another config; use a new --out-dir")
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        if self.ema is not None:
             if "ema" not in ckpt:
-                raise ValueError(f"{resume} holds no EMA weights; resume with --ema 0")
-            ema.load_state_dict(ckpt["ema"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]
-        if is_main:
-            print(f"resumed from {resume} at step {step}")
-    raw_model = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model, dynamic=False) if args.compile else model
-    vq = tok.load_tokenizer(vq_path, device) if is_main else None
+                raise ValueError(f"{path} holds no EMA weights; resume with --ema 0")
+            self.ema.load_state_dict(ckpt["ema"], strict=True)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], \
+            ckpt["data_position"]["batch"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}")
 
-    sampler = torch.utils.data.DistributedSampler(range(len(train_tokens)), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
-    if per_epoch == 0:
-        raise ValueError(f"{len(train_tokens)} training images are fewer than one global batch ({global_batch})")
-    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
-    bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
-    t_last, window_steps = time.time(), 0
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed over the current log window
+    def train_step(self, micro_batches, ctx, window_loss):
+        """One optimizer step over the (tokens, labels) micro-batches; their mean loss is added to window_loss
+        on the device (no host synchronisation). Returns (lr, gradient norm)."""
+        args, lr = self.args, learning_rate(self.step, self.args)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for i, (x, y) in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1 or self.world == 1  # DDP all-reduces on the last micro-batch only
+            with (nullcontext() if sync else self.ddp.no_sync()), ctx:
+                _, loss = self.forward(x, y, order=args.order)
+            (loss / len(micro_batches)).backward()
+            window_loss += loss.detach().double() / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+        self.opt.step()
+        # The EMA decay ramps up as (1+t)/(10+t), so the average does not hold on to the init; a short run ends
+        # before the ramp reaches --ema.
+        if self.ema is not None:
+            decay = min(args.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():  # (else every update would join an ever longer autograd graph)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        self.opt.zero_grad(set_to_none=True)
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        return lr, grad_norm
 
-    def gather(obj):  # one object per rank, in rank order
-        objs = [obj] * world
-        if dist.is_initialized():
-            dist.all_gather_object(objs, obj)
-        return objs
-
-    def save():
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        rngs = gather(rng)
-        # per-rank parameter checksums: DDP replicas must be identical
-        checks = gather(sum(p.double().sum().item() for p in raw_model.parameters()))
-        if not is_main:
+    def save(self):
+        """last.pt (and step_*.pt, the last --keep of them), written by rank 0 with every rank's random state."""
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda"
+                                                 else {})}
+        rngs = gather(rng, self.world)
+        checks = gather(sum(p.double().sum().item() for p in self.model.parameters()), self.world)  # DDP: all equal
+        if self.rank != 0:
             return
-        ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                **({"ema": ema.state_dict()} if ema is not None else {}),
+        args = self.args
+        ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps, "total_steps": args.steps,
                               "min_lr_ratio": args.min_lr_ratio},
-                "config": asdict(cfg), "rng": rngs, "rank_param_checksums": checks,
-                "data_position": {"epoch": epoch, "batch": batch_in_epoch},
-                "tokenizer": os.path.abspath(vq_path), "args": vars(args)}
-        common.save_atomic(ckpt, last)
+                "config": asdict(self.cfg), "rng": rngs, "rank_param_checksums": checks,
+                "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+                "tokenizer": os.path.abspath(self.vq_path), "args": vars(args)}
+        common.save_atomic(ckpt, self.last)
         if args.keep > 0:
-            common.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{step:07d}.pt"))
+            common.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{self.step:07d}.pt"))
             kept = sorted(f for f in os.listdir(args.out_dir) if f.startswith("step_") and f.endswith(".pt"))
             for old in kept[:-args.keep]:
                 os.remove(os.path.join(args.out_dir, old))
 
-    # Restored last, after everything that draws random numbers while setting up (model inits).
-    if resume and len(ckpt["rng"]) == world:  # same world size: every rank continues its own stream
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    model.train()
-    while step < args.steps:
-        sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
-        indices = list(sampler)
-        while batch_in_epoch < per_epoch and step < args.steps:
-            lr = learning_rate(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            for micro in range(args.grad_accum):
-                start = (batch_in_epoch * args.grad_accum + micro) * args.batch_size
-                idx = torch.tensor(indices[start:start + args.batch_size])
-                x, y = train_tokens[idx].long().to(device), train_labels[idx].to(device)
-                sync = micro == args.grad_accum - 1 or world == 1
-                with (nullcontext() if sync else model.no_sync()), ctx:
-                    _, loss = train_model(x, y, order=args.order)
-                (loss / args.grad_accum).backward()
-                window_loss += loss.detach().double() / args.grad_accum  # stays on the device: no sync per step
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            # The EMA decay ramps up as (1+t)/(10+t) so the average does not hold on to the init; it reaches
-            # --ema 0.999 only after ~9000 steps, so the default 2000-step run averages with the ramp
-            # (0.9955 at its end; 0.995-0.9995 gave the same validation loss, README).
-            if ema is not None:
-                d = min(args.ema, (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - d)
-            opt.zero_grad(set_to_none=True)
-            step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
-            # The host reads the loss only here: at log steps, and before every checkpoint (never save NaNs).
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                if world > 1:  # the mean over ranks, before rank 0 logs it
-                    dist.all_reduce(window_loss)
-                loss_avg = window_loss.item() / window_steps / world
-                if not math.isfinite(loss_avg):
-                    last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
-                    raise FloatingPointError(f"non-finite loss ({loss_avg}) by step {step} (checked every "
-                                             f"--log-every steps); {last_good}")
-                if is_main:
-                    now = time.time()
-                    tok_s = window_steps * global_batch * n_tokens / max(now - t_last, 1e-9)
-                    bar.update(window_steps)
-                    bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                    metrics.write(json.dumps({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
-                                              "tokens_per_s": tok_s, "time": now}) + "\n")
-                    metrics.flush()
-                    t_last = now
-                window_loss.zero_()
-                window_steps = 0
-            if step % args.eval_every == 0 or step == args.steps:
-                val = validation_loss(ema or raw_model, data["test"], args, device, ctx)
-                if is_main:
-                    metrics.write(json.dumps({"step": step, "val_loss": val}) + "\n")
-                    metrics.flush()
-                    bar.write(f"step {step}: val loss {val:.4f} nats/token")
-            if is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
-                sample_grid(ema or raw_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                save()
-            barrier()
-        if batch_in_epoch >= per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    if is_main:
-        print(f"done: {step} steps; checkpoint {last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+
+def gather(obj, world):
+    """One object per rank, in rank order."""
+    objs = [obj] * world
+    if dist.is_initialized():
+        dist.all_gather_object(objs, obj)
+    return objs
+
+
+class Log:
+    """The training loss, summed on the device and read by the host only every --log-every steps and before
+    every checkpoint (never save NaNs); progress bar and metrics.jsonl on rank 0."""
+
+    def __init__(self, args, is_main, tokens_per_step, step, device):
+        self.args, self.is_main, self.tokens_per_step = args, is_main, tokens_per_step
+        self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_steps, self.t_last = 0, time.time()
+        self.metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
+        self.bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
+
+    def after_step(self, step, lr, grad_norm, last):
+        args = self.args
+        self.window_steps += 1
+        if not (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps):
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:  # the mean over ranks, before rank 0 logs it
+            dist.all_reduce(self.window_loss)
+        loss = self.window_loss.item() / self.window_steps / world
+        if not math.isfinite(loss):
+            last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
+            raise FloatingPointError(f"non-finite loss ({loss}) by step {step} (checked every --log-every steps); "
+                                     f"{last_good}")
+        if self.is_main:
+            now = time.time()
+            tok_s = self.window_steps * self.tokens_per_step / max(now - self.t_last, 1e-9)
+            self.bar.update(self.window_steps)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            self.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+                        "time": now})
+            self.t_last = now
+        self.window_loss.zero_()
+        self.window_steps = 0
+
+    def validation(self, step, val):
+        if self.is_main:
+            self.write({"step": step, "val_loss": val})
+            self.bar.write(f"step {step}: val loss {val:.4f} nats/token")
+
+    def write(self, record):
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 def get_parser():
