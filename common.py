@@ -391,8 +391,8 @@ def rank0_decides(fn, rank):
 # ----------------------------------------------------------------------------------------------
 # Command lines
 
-# The guidance schedule (start, end) of sample.py and of train.py's grid: on the demo model 1->4 beat
-# 1->3 on class consistency, FD and precision at equal recall (README, sample quality).
+# The guidance schedule (start, end) of sample.py and of train.py's grid: on the demo model 1->4 beat 1->3
+# (docs/experiments.md, how the demo recipe was chosen).
 DEFAULT_CFG = (1.0, 4.0)
 
 

@@ -87,11 +87,10 @@ class RandARConfig:
 PRESETS = {
     # For tests: the reference fixtures' size.
     "tiny": RandARConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=32, block_size=16),
-    # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes. No dropout:
-    # a ~1000-step run is far from overfitting (with 0.1, a GPU sweep gave a worse FD at equal steps).
-    # RoPE base 10, not 10000: on an 8-wide grid base 10000 leaves 4 of a head's 8 frequencies per axis
-    # turning less than 0.1 rad across the image, and a PI token is only its rotation; base 10 spreads them
-    # over 1 to 0.13 rad per position (validation loss 2.84 vs 2.99 after the default run, README).
+    # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes. No dropout: a
+    # short run is far from overfitting. RoPE base 10, not 10000: on an 8-wide grid base 10000 leaves half of
+    # a head's frequencies nearly still across the image, and a PI token is only its rotation; base 10
+    # spreads them over 1 to 0.13 rad per position (docs/experiments.md, RoPE base).
     "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10, vocab_size=512,
                          block_size=64, rope_base=10.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
     # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes).
@@ -584,10 +583,9 @@ class RandAR(nn.Module):
         if compile and self.compiled_step is None:  # made once, reused by later calls (CUDA graphs on GPU)
             # Steps keep their exact shapes: dynamo compiles the first one as is and, on the next length, one
             # graph with symbolic lengths (automatic dynamic shapes); CUDA graphs are recorded per length.
-            # Padding every step to the longest instead (one graph) was 1.2-1.3x slower at batch 32 on the
-            # CPU (up to 1.7x more fed rows) and no faster at batch 1 (README, decoding speed).
-            # CPU: a C++ wrapper around the generated kernels instead of Python cuts the per-step overhead
-            # (1.2x at batch 1 on 2 cores); GPU: CUDA graphs do that job.
+            # Padding every step to the longest would feed up to 1.7x more rows. On the CPU a C++ wrapper
+            # around the generated kernels cuts the per-step overhead; on a GPU CUDA graphs do that job
+            # (measurements: docs/experiments.md, decoding speed).
             how = dict(mode="reduce-overhead") if rope.device.type == "cuda" else dict(options={"cpp_wrapper": True})
             self.compiled_step = torch.compile(self.decode_step, **how)
         step_fn = self.compiled_step if compile else self.decode_step

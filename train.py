@@ -462,8 +462,7 @@ def get_parser():
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
     p.add_argument("--tokenizer-steps", type=common.positive_int, default=600)
     # The demo's defaults: 2000 steps at batch 32, not 1000 at 64 -- the same images and CPU time, twice the
-    # updates; a short run gains a little from them (README: mean validation loss 2.954 vs 2.982, FD 3.32 vs
-    # 3.57 over 2 and 3 runs -- about the spread between two runs of one recipe).
+    # updates, a little better (docs/experiments.md, more updates from the same images).
     p.add_argument("--steps", type=common.positive_int, default=2000)
     p.add_argument("--batch-size", type=common.positive_int, default=32, help="per rank and micro-step")
     p.add_argument("--grad-accum", type=common.positive_int, default=1)
