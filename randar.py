@@ -498,8 +498,8 @@ class RandAR(nn.Module):
         fewer: parallel decoding, cosine schedule). cfg_scale: (start, end) of the linear guidance schedule,
         applied iff end > 1 (as the reference). known: (positions [B, K], tokens [B, K]) fed teacher-forced
         first, returned unchanged (editing). grid: grid x grid tokens with the NTK-mixed RoPE (resolution
-        extrapolation, docs/algorithm.md §8; ntk_boundary None: default_ntk_boundary); spatial_cfg_scale: (start, end) of guidance against a copy
-        with half the known tokens dropped, used iff both ends > 1. compile: the decode step runs through
+        extrapolation, docs/algorithm.md §8; ntk_boundary None: default_ntk_boundary); spatial_cfg_scale:
+        (start, end) of guidance against a copy with half the known tokens dropped, used iff both ends > 1. compile: the decode step runs through
         torch.compile (CUDA graphs on GPU). callback(step, logits [B, n, V] after guidance, tokens [B, n]).
         """
         check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)

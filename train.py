@@ -251,7 +251,7 @@ def run_training(args, rank, world, device):
     per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
     if per_epoch == 0:
         raise ValueError(f"{len(tokens)} training images are fewer than one global batch ({global_batch})")
-    log = Log(args, is_main, global_batch * tokens.size(1), run.step, device)
+    log = Log(args, is_main, world, global_batch * tokens.size(1), run.step, device)
     while run.step < args.steps:
         sampler.set_epoch(run.epoch)  # a new shuffle per epoch, the same on every rank
         used = per_epoch * args.grad_accum * args.batch_size
@@ -402,8 +402,8 @@ class Log:
     """The training loss, summed on the device and read by the host only every --log-every steps and before
     every checkpoint (never save NaNs); progress bar and metrics.jsonl on rank 0."""
 
-    def __init__(self, args, is_main, tokens_per_step, step, device):
-        self.args, self.is_main, self.tokens_per_step = args, is_main, tokens_per_step
+    def __init__(self, args, is_main, world, tokens_per_step, step, device):
+        self.args, self.is_main, self.world, self.tokens_per_step = args, is_main, world, tokens_per_step
         self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.window_steps, self.t_last = 0, time.time()
         self.metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
@@ -414,10 +414,9 @@ class Log:
         self.window_steps += 1
         if not (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps):
             return
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1:  # the mean over ranks, before rank 0 logs it
+        if self.world > 1:  # the mean over ranks, before rank 0 logs it
             dist.all_reduce(self.window_loss)
-        loss = self.window_loss.item() / self.window_steps / world
+        loss = self.window_loss.item() / self.window_steps / self.world
         if not math.isfinite(loss):
             last_good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint written yet"
             raise FloatingPointError(f"non-finite loss ({loss}) by step {step} (checked every --log-every steps); "
