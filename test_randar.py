@@ -1181,16 +1181,12 @@ def test_sampling_killed_during_assembly_resumes_to_the_same_bytes(tiny_run, tmp
     os.mkfifo(parts / "chunk_00002.npz")  # "already made": skipped by sampling, blocks the assembly
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py"), *argv, "--out-npz", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while True:  # the FIFO can be opened for writing once the assembly has opened it for reading
+    assembling = tmp_path / f"resumed.tmp{proc.pid}.npz"  # opened before the chunks are read; the FIFO,
+    while not assembling.exists():  # which no one writes, then holds the assembly until the kill
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        try:
-            fifo = os.open(parts / "chunk_00002.npz", os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            pass
+        time.sleep(0.01)
     proc.kill()
     proc.wait()
-    os.close(fifo)
     os.remove(parts / "chunk_00002.npz")
     assert not out.exists() and sorted(f for f in os.listdir(parts) if f.startswith("chunk_0")) == \
         [f"chunk_0000{c}.npz" for c in (0, 1, 3, 4)]
