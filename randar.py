@@ -22,7 +22,7 @@ Usage:
 """
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -205,24 +205,44 @@ def decoding_schedule(n_tokens, steps):
     return counts
 
 
-def feed_plan(schedule, known, device=None):
-    """What every decode step after the prefill feeds, as index tensors built once before the loop.
-    A step that sampled n tokens at generation indices q..q+n-1, followed by a step of m queries,
-    feeds [E(q), PI(q+1), E(q+1), ..., E(q+n-1), PI(q+n), ..., PI(q+n+m-1)] at slots 2q+2, 2q+3, ...
-    (docs/algorithm.md §4): the 2nd..n-th queries, fed last step at temporary slots, are rewritten at
-    their training slots, so the cache always ends in the training layout. Per step:
-    (gen_index [L], is_pi [L], slot [L], query [m]): which generation index each fed item shows,
-    whether it is a PI token (else the token embedding), its cache slot, and the fed items whose
-    logits are read. L = 2n - 1 + m takes only a handful of values in a cosine schedule.
+READ_BUCKET = 64  # cache slots are read in multiples of this: a handful of lengths per image, not one per step
+
+
+class Feed(NamedTuple):
+    """What one decode step feeds (docs/algorithm.md §4), built on the host before the loop."""
+    gen_index: torch.Tensor  # [L] the generation index each fed item shows
+    is_pi: torch.Tensor      # [L] True: the PI token of that index; False: its sampled token's embedding
+    slots: torch.Tensor      # [L] the cache slot each item is written to
+    queries: torch.Tensor    # [m] the fed items whose logits are read (the next step's predictions)
+    read: int                # attention reads cache slots [0, read): the filled prefix, rounded up to READ_BUCKET
+
+
+def read_length(end, n_slots):
+    return min(n_slots, -(-end // READ_BUCKET) * READ_BUCKET)
+
+
+def feed_plan(schedule, known, n_slots, device=None):
+    """One Feed per decode step after the prefill. A step that sampled n tokens at generation indices
+    q..q+n-1, followed by a step of m queries, feeds [E(q), PI(q+1), E(q+1), ..., E(q+n-1), PI(q+n), ...,
+    PI(q+n+m-1)] at slots 2q+2, 2q+3, ...: the 2nd..n-th queries, fed last step at temporary slots, are
+    rewritten at their training slots, so the cache always ends in the training layout.
+
+    Example: feed_plan([3, 2], known=4, n_slots=40) -> one Feed. Indices 4, 5, 6 were sampled, 7 and 8 are next:
+        gen_index [4, 5, 5, 6, 6, 7, 8]       E(4) PI(5) E(5) PI(6) E(6) PI(7) PI(8)
+        is_pi     [F, T, F, T, F, T, T]
+        slots     [10, 11, 12, 13, 14, 15, 16] (index q sits at slots 2q+1 (PI) and 2q+2 (E))
+        queries   [5, 6]                       (PI(7), PI(8)), read 40 (slots 0..16, rounded up to 64, capped)
+    L = 2n - 1 + m takes only a handful of values in a cosine schedule.
     """
     plan, q = [], known
     for n, m in zip(schedule[:-1], schedule[1:]):
         gen = [q] + [k for j in range(1, n) for k in (q + j, q + j)] + list(range(q + n, q + n + m))
         is_pi = [False] + [j % 2 == 0 for j in range(2 * n - 2)] + [True] * m
         slots = list(range(2 * q + 2, 2 * q + 2 + len(gen)))
-        plan.append((gen, is_pi, slots, list(range(len(gen) - m, len(gen)))))
+        tensors = (torch.tensor(v, device=device) for v in (gen, is_pi, slots, range(len(gen) - m, len(gen))))
+        plan.append(Feed(*tensors, read=read_length(slots[-1] + 1, n_slots)))
         q += n
-    return [tuple(torch.tensor(v, device=device) for v in p) for p in plan]
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,10 +269,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots, k, v):
+    def update(self, slots, k, v, read):
+        """Write k, v [B, H, T, hd] at slots [T]; return the first `read` slots of the caches."""
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
-        return self.k, self.v
+        return self.k[:, :, :read], self.v[:, :, :read]
 
 
 class Attention(nn.Module):
@@ -272,8 +293,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_head, hd), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.n_kv_head, hd), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        if slots is not None:  # decoding: write this feed's slots, attend over the whole cache
-            k, v = self.kv_cache.update(slots, k, v)
+        if slots is not None:  # decoding: write this feed's slots, attend over the slots the mask covers
+            k, v = self.kv_cache.update(slots, k, v, read=mask.size(-1))
         dropout = self.attn_dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slots is None, dropout_p=dropout,
                                            enable_gqa=self.n_kv_head != self.n_head)  # grouped-query attention
@@ -330,6 +351,8 @@ class LabelEmbedder(nn.Module):
 def as_index_tensor(value, name, device):
     """Integer tensor on device; floats and booleans are refused instead of truncated."""
     t = torch.as_tensor(value, device=device)
+    if t.numel() == 0:  # an empty list is a valid index list (torch reads [] as float)
+        return t.long()
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     return t.long()
@@ -346,6 +369,22 @@ def check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cf
     for name, pair in (("cfg_scale", cfg_scale), ("spatial_cfg_scale", spatial_cfg_scale)):
         if pair is not None and (len(pair) != 2 or not all(isinstance(s, (int, float)) for s in pair)):
             raise ValueError(f"{name} must be a (start, end) pair of numbers, got {pair!r}")
+
+
+class Guidance(NamedTuple):
+    """The rows decoded together (docs/algorithm.md §6): G groups of B stacked along the batch."""
+    labels: torch.Tensor            # [G*B] the class of each row (the null class in the unconditional groups)
+    keep: Optional[torch.Tensor]    # [G*B, K] known-token embedding multipliers (spatial CFG), or None
+    groups: int                     # 1: no guidance, 2: [cond; uncond], 3: [cond; uncond; weak context]
+    cfg_scale: tuple                # (start, end)
+    spatial_cfg_scale: Optional[tuple]
+
+    def scales(self, filled):
+        """(CFG scale, spatial scale), linear in the filled fraction of the canvas."""
+        cfg = self.cfg_scale[0] + (self.cfg_scale[1] - self.cfg_scale[0]) * filled
+        if self.groups < 3:
+            return cfg, 0.0
+        return cfg, self.spatial_cfg_scale[0] + (self.spatial_cfg_scale[1] - self.spatial_cfg_scale[0]) * filled
 
 
 class RandAR(nn.Module):
@@ -392,12 +431,15 @@ class RandAR(nn.Module):
         x = torch.stack([self.position_instructions(positions, rope), img], dim=2).reshape(B, 2 * T, img.size(-1))
         return x, rope[positions.repeat_interleave(2, dim=1) + 1]  # both tokens of a pair sit at p_j
 
-    def transformer(self, x, rope, slots=None, n_layers=None):
+    def transformer(self, x, rope, slots=None, read=None, n_layers=None):
         """Hidden states of all fed items. slots None: plain causal attention over x (training).
         slots [T]: decoding, each item writes its K/V to the caches of setup_caches at its slot and
-        attends to every cache slot up to its own."""
-        mask = None if slots is None else \
-            torch.arange(self.layers[0].attention.kv_cache.k.size(2), device=x.device) <= slots[:, None]  # (T, S)
+        attends to every cache slot up to its own; only the first `read` slots are read (all of them
+        when None), which must cover every slot written so far."""
+        mask = None
+        if slots is not None:
+            read = self.layers[0].attention.kv_cache.k.size(2) if read is None else read
+            mask = torch.arange(read, device=x.device) <= slots[:, None]  # (T, read)
         for layer in self.layers[:n_layers]:
             x = layer(x, rope, slots, mask)
         return x
@@ -475,18 +517,19 @@ class RandAR(nn.Module):
         pairs, pair_rope = self.pairs(order[:, :K], known_tokens, rope, keep)
         queries = order[:, K:K + n_queries]
         x = torch.cat([self.cls_embedding(labels)[:, None], pairs, self.position_instructions(queries, rope)], 1)
-        rows = torch.cat([rope[:1].expand(B, 1, -1, -1), pair_rope, rope[queries + 1]], 1)
+        x_rope = torch.cat([rope[:1].expand(B, 1, -1, -1), pair_rope, rope[queries + 1]], 1)
         slots = torch.arange(x.size(1), device=x.device)
-        return self.head(self.transformer(x, rows, slots)[:, -n_queries:])
+        read = read_length(x.size(1), self.layers[0].attention.kv_cache.k.size(2))
+        return self.head(self.transformer(x, x_rope, slots, read)[:, -n_queries:])
 
-    def decode_step(self, rope, order, generated, gen_index, is_pi, slots, queries):
-        """One decode step from feed_plan's tensors; generated [B, N] holds the tokens in generation
-        order (only indices already sampled are read). Shapes set by the schedule alone, no host
+    def decode_step(self, rope, order, generated, feed: Feed):
+        """One decode step (a Feed of feed_plan); generated [B, N] holds the tokens in generation order
+        (only indices already sampled are read). Shapes set by the schedule alone, no host
         synchronisation: this is the function torch.compile sees. Returns logits [B, m, V] at the query items."""
-        positions = order[:, gen_index]  # (B, L) raster position each fed item belongs to
-        x = torch.where(is_pi[:, None], self.position_instructions(positions, rope),
-                        self.tok_embeddings(generated[:, gen_index]))
-        return self.head(self.transformer(x, rope[positions + 1], slots)[:, queries])
+        positions = order[:, feed.gen_index]  # (B, L) raster position each fed item belongs to
+        x = torch.where(feed.is_pi[:, None], self.position_instructions(positions, rope),
+                        self.tok_embeddings(generated[:, feed.gen_index]))
+        return self.head(self.transformer(x, rope[positions + 1], feed.slots, feed.read)[:, feed.queries])
 
     @torch.no_grad()
     def generate(self, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), temperature=1.0, top_k=0,
@@ -518,9 +561,9 @@ class RandAR(nn.Module):
             return canvas
         schedule = decoding_schedule(N - positions.size(1), N if steps is None else steps)
         generated = canvas.gather(1, order)  # [B, N] in generation order; the first K are known
-        rows = self._guidance_rows(labels, generated[:, :positions.size(1)], cfg_scale, spatial_cfg_scale, generator)
-        out = self._decode(rope, order, generated, schedule, rows, cfg_scale, spatial_cfg_scale,
-                           (temperature, top_k, top_p, generator), callback, compile)
+        guidance = self._guidance(labels, generated[:, :positions.size(1)], cfg_scale, spatial_cfg_scale, generator)
+        out = self._decode(rope, order, generated, schedule, guidance, callback, compile,
+                           dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
         return torch.empty_like(out).scatter_(1, order, out)  # back to raster layout
 
     def _known_canvas(self, known, B, N):
@@ -555,56 +598,56 @@ class RandAR(nn.Module):
         unknown_first = base.gather(1, is_known.gather(1, base).long().argsort(dim=1, stable=True))
         return torch.cat([positions, unknown_first[:, :N - K]], dim=1)
 
-    def _guidance_rows(self, labels, prefix, cfg_scale, spatial_cfg_scale, generator):
-        """Row groups stacked along the batch, decoded in one order with the same tokens: [cond], CFG
+    def _guidance(self, labels, prefix, cfg_scale, spatial_cfg_scale, generator):
+        """Groups of rows stacked along the batch, decoded in one order with the same tokens: [cond], CFG
         [cond; uncond], or spatial CFG [cond; uncond; uncond with exactly floor(K/2) context token embeddings
-        zeroed per sample, drawn by a permutation] (the reference). Returns (labels [G*B], known-token
-        embedding multipliers [G*B, K] or None, G)."""
+        zeroed per sample, drawn by a permutation] (the reference)."""
         null = torch.full_like(labels, self.config.num_classes)
         if cfg_scale[-1] <= 1:
-            return labels, None, 1
+            return Guidance(labels, None, 1, cfg_scale, None)
         if spatial_cfg_scale is None or spatial_cfg_scale[-1] <= 1:
-            return torch.cat([labels, null]), None, 2
+            return Guidance(torch.cat([labels, null]), None, 2, cfg_scale, None)
         B, K = prefix.shape
         dropped = torch.rand(B, K, device=prefix.device, generator=generator).argsort(dim=1)[:, :K // 2]
         weak = torch.ones(B, K, device=prefix.device).scatter_(1, dropped, 0.0)
-        return torch.cat([labels, null, null]), torch.cat([torch.ones(2 * B, K, device=prefix.device), weak]), 3
+        keep = torch.cat([torch.ones(2 * B, K, device=prefix.device), weak])
+        return Guidance(torch.cat([labels, null, null]), keep, 3, cfg_scale, spatial_cfg_scale)
 
-    def _decode(self, rope, order, generated, schedule, rows, cfg_scale, spatial_cfg_scale, sampling, callback,
-                compile):
+    def _decode(self, rope, order, generated, schedule, guidance, callback, compile, sampling):
         """The decoding loop (docs/algorithm.md §4): prefill, then sample / feed until every token is drawn."""
-        row_labels, keep, groups = rows
         B, N = generated.shape
-        K = N - sum(schedule)
+        K, G = N - sum(schedule), guidance.groups
         dtype = torch.get_autocast_dtype(rope.device.type) if torch.is_autocast_enabled(rope.device.type) \
             else self.output.weight.dtype
-        self.setup_caches(groups * B, (2 * N + 1 + 7) // 8 * 8, dtype, rope.device)  # 1 + 2N slots, rounded up to 8
-        plan = feed_plan(schedule, K, rope.device)
+        n_slots = (2 * N + 1 + 7) // 8 * 8  # 1 + 2N slots, rounded up to 8
+        self.setup_caches(G * B, n_slots, dtype, rope.device)
+        plan = feed_plan(schedule, K, n_slots, rope.device)
         if compile and self.compiled_step is None:  # made once, reused by later calls (CUDA graphs on GPU)
-            # Steps keep their exact shapes: dynamo compiles the first one as is and, on the next length, one
-            # graph with symbolic lengths (automatic dynamic shapes); CUDA graphs are recorded per length.
-            # Padding every step to the longest would feed up to 1.7x more rows. On the CPU a C++ wrapper
-            # around the generated kernels cuts the per-step overhead; on a GPU CUDA graphs do that job
-            # (measurements: docs/experiments.md, decoding speed).
+            # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
+            # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per
+            # (length, read) pair, a handful per schedule. Padding every step to the longest would feed up to
+            # 1.7x more rows. On the CPU a C++ wrapper around the generated kernels cuts the per-step
+            # overhead; on a GPU CUDA graphs do that job (docs/experiments.md, decoding speed).
             how = dict(mode="reduce-overhead") if rope.device.type == "cuda" else dict(options={"cpp_wrapper": True})
+            # Every model shares decode_step's code object, and dynamo's recompile limit (8) counts the graphs
+            # of all of them: past it a second model (another size) would silently run eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled_step = torch.compile(self.decode_step, **how)
         step_fn = self.compiled_step if compile else self.decode_step
-        rows_order, rows_generated = order.repeat(groups, 1), generated.repeat(groups, 1)  # [G*B, N]
-        logits = self.prefill(rope, row_labels, rows_order, rows_generated[:, :K], schedule[0], keep)
+        stacked_order, stacked_generated = order.repeat(G, 1), generated.repeat(G, 1)  # [G*B, N]
+        logits = self.prefill(rope, guidance.labels, stacked_order, stacked_generated[:, :K], schedule[0],
+                              guidance.keep)
         done = K
         for step, n in enumerate(schedule):
-            frac = done / N  # guidance scales are linear in the filled fraction of the canvas
-            scale = cfg_scale[0] + (cfg_scale[1] - cfg_scale[0]) * frac
-            spatial = 0.0 if groups < 3 else spatial_cfg_scale[0] + (spatial_cfg_scale[1] - spatial_cfg_scale[0]) * frac
-            logits = guided_logits(logits, groups, scale, spatial)
-            new = sample(logits, *sampling)  # [B, n], all queries in one call
+            logits = guided_logits(logits, G, *guidance.scales(done / N))
+            new = sample(logits, **sampling)  # [B, n], all queries in one call
             if callback is not None:
                 callback(step, logits, new)
             generated[:, done:done + n] = new
-            rows_generated[:, done:done + n] = new.repeat(groups, 1)
+            stacked_generated[:, done:done + n] = new.repeat(G, 1)
             if step + 1 == len(schedule):
                 break  # the last step's tokens are never fed
-            logits = step_fn(rope, rows_order, rows_generated, *plan[step])
+            logits = step_fn(rope, stacked_order, stacked_generated, plan[step])
             if compile:
                 logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
             done += n
