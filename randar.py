@@ -289,9 +289,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, slots=None, mask=None):
         B, T, C = x.shape
         hd, kv_size = self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([C, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_head, hd), rope).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k.view(B, T, self.n_kv_head, hd), rope).transpose(1, 2)
+        qk, v = self.wqkv(x).split([C + kv_size, kv_size], dim=-1)
+        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, hd), rope)  # q and k rotated in one call
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         if slots is not None:  # decoding: write this feed's slots, attend over the slots the mask covers
             k, v = self.kv_cache.update(slots, k, v, read=mask.size(-1))

@@ -396,9 +396,9 @@ def machine_limits(device, sync):
     return rates
 
 
-def step_floor_ms(model, rows, steps, flops_s, bytes_s):
+def step_floor_ms(model, N, rows, steps, flops_s, bytes_s):
     """Lower bound on one decode step: its FLOPs at the matmul rate, or reading weights + cache at the copy rate."""
-    cfg, N = model.config, model.config.block_size
+    cfg = model.config
     fed_per_step = 2 * N / steps  # every token is fed about twice (PI + image)
     weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
     flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (2 * N + 2) * cfg.dim)
@@ -406,48 +406,62 @@ def step_floor_ms(model, rows, steps, flops_s, bytes_s):
     return 1000 * max(flops / flops_s, byte_count / bytes_s)
 
 
+def bench_kinds(model, N, compile):
+    """(row name, steps, compiled) per decoding measured at N tokens: one token per step, the paper's
+    88-of-256 ratio and N/4 steps, eager and compiled; the uncached baseline (steps None) at small N."""
+    kinds = [("uncached, 1 token/step", None, False)] if N == model.config.block_size and N <= 64 else []
+    for compiled in [False] + [True] * compile:
+        for steps in (N, round(N * 88 / 256), N // 4):
+            name = "1 token/step" if steps == N else f"{steps} steps"
+            kinds.append((f"{'compiled' if compiled else 'eager'}, {name}", steps, compiled))
+    return kinds
+
+
+def time_kinds(model, labels, grid, kinds, args, sync):
+    """Median seconds per kind: a warm-up (and compilation) each, then interleaved rounds, so that a noisy
+    moment slows every row alike."""
+    def run(steps, compiled):
+        if steps is None:
+            return uncached_generate(model, labels)
+        return model.generate(labels, steps=steps, grid=grid, cfg_scale=args.cfg, compile=compiled)
+    runs = {name: [] for name, *_ in kinds}
+    with args.ctx:
+        for name, *how in kinds:
+            run(*how)
+        for _ in range(args.repeats):
+            for name, *how in kinds:
+                sync()
+                t = time.perf_counter()
+                run(*how)
+                sync()
+                runs[name].append(time.perf_counter() - t)
+    return {name: statistics.median(times) for name, times in runs.items()}
+
+
 def bench(model, args):
-    N = model.config.block_size
+    """One table per size: ms per image and per step for each decoding, against a roofline floor. A size
+    other than the model's own decodes on an extrapolation grid: the same work per step."""
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     flops_s, bytes_s = machine_limits(args.device, sync)
-    kinds = [("uncached, 1 token/step", None, N, False), ("cached raster, 1 token/step", "raster", N, False)]
-    for compiled in [False] + [True] * args.compile:
-        for steps in (N, round(N * 88 / 256), N // 4):
-            name = "1 token/step" if steps == N else f"parallel {steps} steps"
-            kinds.append((f"{'compiled' if compiled else 'eager'} random, {name}", "random", steps, compiled))
-    rows, groups = [], 2 if args.cfg[-1] > 1 else 1
-    for batch in (1, args.bench_batch):
-        labels = torch.arange(batch, device=args.device) % model.config.num_classes
-
-        def run(order, steps, compiled):
-            if order is None:
-                return uncached_generate(model, labels)
-            return model.generate(labels, order=order, steps=steps, cfg_scale=args.cfg, compile=compiled)
-        runs = {name: [] for name, *_ in kinds}
-        with args.ctx:
-            for name, *how in kinds:
-                run(*how)  # warm-up (and compilation), excluded
-            for _ in range(args.repeats):  # interleaved rounds: a noisy moment slows every row alike
-                for name, *how in kinds:
-                    sync()
-                    t = time.perf_counter()
-                    run(*how)
-                    sync()
-                    runs[name].append(time.perf_counter() - t)
-        base = statistics.median(runs["eager random, 1 token/step"])
-        for name, order, steps, _ in kinds:
-            t, n_steps = statistics.median(runs[name]), N if order is None else len(decoding_schedule(N, steps))
-            floor = step_floor_ms(model, groups * batch, n_steps, flops_s, bytes_s)
-            rows.append((batch, name, t, n_steps, floor, base / t))
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
-    print(f"\n{model.config.dim}-wide, {model.config.n_layer} layers, N={N} tokens, device {args.device}{peak}, CFG "
-          f"{args.cfg}, median of {args.repeats}; machine: {flops_s / 1e9:.0f} GFLOP/s matmul, "
-          f"{bytes_s / 1e9:.1f} GB/s copy")
-    print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager random |")
-    print("|---|---|---|---|---|---|---|")
-    for batch, name, t, steps, floor, speedup in rows:
-        print(f"| {batch} | {name} | {1000 * t / batch:.2f} | {batch / t:.1f} | {1000 * t / steps:.3f} | "
-              f"{floor:.3f} | {speedup:.2f}x |")
+    groups = 2 if args.cfg[-1] > 1 else 1
+    for N in args.sizes:
+        kinds, rows = bench_kinds(model, N, args.compile), []
+        for batch in (1, args.bench_batch):
+            labels = torch.arange(batch, device=args.device) % model.config.num_classes
+            times = time_kinds(model, labels, math.isqrt(N), kinds, args, sync)
+            for name, steps, _ in kinds:
+                n_steps = N if steps is None else len(decoding_schedule(N, steps))
+                floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, bytes_s)
+                rows.append((batch, name, times[name], n_steps, floor, times["eager, 1 token/step"] / times[name]))
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
+        print(f"\nN={N} tokens ({math.isqrt(N)}x{math.isqrt(N)}), {model.config.dim}-wide, {model.config.n_layer} "
+              f"layers, device {args.device}{peak}, CFG {args.cfg}, median of {args.repeats}; machine: "
+              f"{flops_s / 1e9:.0f} GFLOP/s matmul, {bytes_s / 1e9:.1f} GB/s copy")
+        print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager 1 token/step |")
+        print("|---|---|---|---|---|---|---|")
+        for batch, name, t, steps, floor, speedup in rows:
+            print(f"| {batch} | {name} | {1000 * t / batch:.2f} | {batch / t:.1f} | {1000 * t / steps:.3f} | "
+                  f"{floor:.3f} | {speedup:.2f}x |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +523,16 @@ def class_list(text):
         raise argparse.ArgumentTypeError(f"must be a comma list of class indices, got {text!r}") from None
 
 
+def square_list(text):
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 1 or math.isqrt(n) ** 2 != n for n in sizes):
+        raise argparse.ArgumentTypeError(f"must be a comma list of square token counts (64,256), got {text!r}")
+    return sizes
+
+
 COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", "bench")
 
 
@@ -528,6 +552,9 @@ def get_parser():
         if name == "bench":
             s.add_argument("--bench-batch", type=common.positive_int, default=32)
             s.add_argument("--repeats", type=common.positive_int, default=3)
+            s.add_argument("--sizes", type=square_list, default=[64, 256],
+                           help="image tokens N per size measured, squares (a size not the model's own decodes on "
+                                "an extrapolation grid: the same cost)")
             continue
         s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
         s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")

@@ -1358,7 +1358,7 @@ def test_sample_runs_on_the_official_checkpoint_format(tiny_run, tmp_path):
             "--out-npz", tmp_path / "g.npz")
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.load(tmp_path / "g.npz")["arr_0"].shape == (20, 16, 16, 1)
-    r = run("sample.py", "bench", *official[:4], "--bench-batch", 2, "--repeats", 1)
+    r = run("sample.py", "bench", *official[:4], "--bench-batch", 2, "--repeats", 1, "--sizes", 16)
     assert r.returncode == 0 and "64-wide, 2 layers" in r.stdout, r.stderr[-2000:]
 
 
@@ -1437,13 +1437,23 @@ def test_impossible_numbers_are_refused_at_parse_time(script, argv, fragment):
     assert fragment in str(e.value.code) and "\n" not in str(e.value.code)
 
 
-def test_bench_runs_on_a_preset_without_checkpoint():
-    r = run("sample.py", "bench", "--preset", "tiny", "--bench-batch", 2, "--repeats", 1, "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [l.split("|")[1:-1] for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
-    assert len(rows) == 2 * 5 and "eager random, parallel 6 steps" in r.stdout  # 6 = 16 * 88 / 256, rounded
-    for batch, name, ms, images_s, step_ms, floor_ms, speedup in rows:
-        assert float(ms) > 0 and float(floor_ms) > 0 and abs(float(ms) * float(images_s) - 1000) < 0.05 * 1000
+def test_bench_measures_every_size_and_divides_by_the_schedules_step_count(capsys):
+    """Random weights of a preset; the model's own N = 16 and N = 64 on an extrapolation grid; rows per
+    decoding, their ms / step taken over the steps the schedule really has."""
+    common.run(sample.main, sample.parse(["bench", "--preset", "tiny", "--sizes", "16,64", "--bench-batch", "2",
+                                          "--repeats", "1", "--device", "cpu"]))
+    tables = capsys.readouterr().out.split("\nN=")[1:]
+    assert [t.split(" ")[0] for t in tables] == ["16", "64"]
+    for table, N in zip(tables, (16, 64)):
+        rows = [line.split("|")[1:-1] for line in table.splitlines() if re.match(r"\| [12] \|", line)]
+        names = [name.strip() for _, name, *_ in rows]
+        expected = ["eager, 1 token/step", f"eager, {round(N * 88 / 256)} steps", f"eager, {N // 4} steps"]
+        assert names == 2 * ((["uncached, 1 token/step"] if N == 16 else []) + expected)
+        for batch, name, ms, images_s, step_ms, floor_ms, speedup in rows:
+            steps = int(name.split(", ")[1].split()[0]) if "steps" in name else N
+            n_steps = len(decoding_schedule(N, steps))
+            assert abs(float(step_ms) * n_steps - float(ms) * int(batch)) <= 0.01 * float(ms) * int(batch)
+            assert float(floor_ms) > 0
 
 
 def test_linear_probe_command(tiny_run):
