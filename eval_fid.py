@@ -460,8 +460,13 @@ def get_parser():
     return p
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
+def cli(argv=None):
+    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
+    args = get_parser().parse_args(argv)
     if len(args.inputs) > 2 or (not args.inputs and not args.probe):
         sys.exit("error: give SAMPLES REF, one input with --save-stats, or --probe CKPT")
     common.run(main, args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -377,33 +377,29 @@ def uncached_generate(model, labels):
     return generated
 
 
-def machine_limits(device, sync):
-    """Measured matmul rate (FLOP/s) and copy bandwidth (bytes/s): the roofline's two slopes."""
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device)
-    big = torch.empty(64 << 20 if device.type == "cpu" else 512 << 20, dtype=torch.uint8, device=device)
-    rates = []
-    for fn, work in ((lambda: a @ a, 2 * n ** 3), (lambda: big.clone(), 2 * big.numel())):
+def measured_rate(fn, work, sync):
+    """work / the median time of fn (after a warm-up)."""
+    fn()
+    runs = []
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
         fn()
-        runs = []
-        for _ in range(5):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            runs.append(time.perf_counter() - t)
-        rates.append(work / statistics.median(runs))
-    return rates
+        sync()
+        runs.append(time.perf_counter() - t)
+    return work / statistics.median(runs)
 
 
-def step_floor_ms(model, N, rows, steps, flops_s, bytes_s):
-    """Lower bound on one decode step: its FLOPs at the matmul rate, or reading weights + cache at the copy rate."""
+def step_floor_ms(model, N, rows, steps, flops_s, device, sync):
+    """Lower bound on one decode step: its FLOPs at the matmul rate, or the bytes it reads (weights, and the
+    cache prefix: N + 1 slots on average) at the rate a buffer that size is read (cache-resident if they are)."""
     cfg = model.config
     fed_per_step = 2 * N / steps  # every token is fed about twice (PI + image)
     weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
-    flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (2 * N + 2) * cfg.dim)
-    byte_count = 4 * weights + rows * cfg.n_layer * 2 * (2 * N + 2) * cfg.dim * 4
-    return 1000 * max(flops / flops_s, byte_count / bytes_s)
+    flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (N + 1) * cfg.dim)
+    byte_count = 4 * weights + rows * cfg.n_layer * 2 * (N + 1) * cfg.dim * 4
+    buffer = torch.zeros(byte_count // 4, device=device)
+    return 1000 * max(flops / flops_s, byte_count / measured_rate(buffer.sum, byte_count, sync))
 
 
 def bench_kinds(model, N, compile):
@@ -442,21 +438,25 @@ def bench(model, args):
     """One table per size: ms per image and per step for each decoding, against a roofline floor. A size
     other than the model's own decodes on an extrapolation grid: the same work per step."""
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    flops_s, bytes_s = machine_limits(args.device, sync)
+    n = 2048 if args.device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=args.device)
+    flops_s = measured_rate(lambda: a @ a, 2 * n ** 3, sync)
     groups = 2 if args.cfg[-1] > 1 else 1
     for N in args.sizes:
         kinds, rows = bench_kinds(model, N, args.compile), []
+        if args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for batch in (1, args.bench_batch):
             labels = torch.arange(batch, device=args.device) % model.config.num_classes
             times = time_kinds(model, labels, math.isqrt(N), kinds, args, sync)
             for name, steps, _ in kinds:
                 n_steps = N if steps is None else len(decoding_schedule(N, steps))
-                floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, bytes_s)
+                floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, args.device, sync)
                 rows.append((batch, name, times[name], n_steps, floor, times["eager, 1 token/step"] / times[name]))
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
         print(f"\nN={N} tokens ({math.isqrt(N)}x{math.isqrt(N)}), {model.config.dim}-wide, {model.config.n_layer} "
               f"layers, device {args.device}{peak}, CFG {args.cfg}, median of {args.repeats}; machine: "
-              f"{flops_s / 1e9:.0f} GFLOP/s matmul, {bytes_s / 1e9:.1f} GB/s copy")
+              f"{flops_s / 1e9:.0f} GFLOP/s matmul")
         print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager 1 token/step |")
         print("|---|---|---|---|---|---|---|")
         for batch, name, t, steps, floor, speedup in rows:
@@ -610,5 +610,10 @@ def parse(argv=None):
     return args
 
 
+def cli(argv=None):
+    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
+    common.run(main, parse(argv))
+
+
 if __name__ == "__main__":
-    common.run(main, parse())
+    cli()

@@ -582,5 +582,10 @@ def get_parser():
     return p
 
 
+def cli(argv=None):
+    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
+    run(main, get_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    run(main, get_parser().parse_args())
+    cli()

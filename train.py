@@ -494,5 +494,10 @@ def get_parser():
     return p
 
 
+def cli(argv=None):
+    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
+    common.run(main, get_parser().parse_args(argv), errors=(ValueError, FileNotFoundError, FloatingPointError, OSError))
+
+
 if __name__ == "__main__":
-    common.run(main, get_parser().parse_args(), errors=(ValueError, FileNotFoundError, FloatingPointError, OSError))
+    cli()
