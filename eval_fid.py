@@ -234,7 +234,7 @@ def inception_outputs(model, images, batch_size=50, device="cpu"):
     """Pool features (N, 2048) float64 and logits (N, 1008), batched, with a progress bar."""
     feats, logits = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="inception"):
-        batch = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images[i:i + batch_size]]
+        batch = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images[i:i + batch_size]]  # a writable copy
         # images of different sizes are resized one by one; each ends at 299x299 anyway
         x = torch.cat([F.interpolate(b[None].float(), size=(299, 299), mode="bilinear", align_corners=False)
                        for b in batch]) if len({b.shape for b in batch}) > 1 else torch.stack(batch)

@@ -613,6 +613,21 @@ class RandAR(nn.Module):
         keep = torch.cat([torch.ones(2 * B, K, device=prefix.device), weak])
         return Guidance(torch.cat([labels, null, null]), keep, 3, cfg_scale, spatial_cfg_scale)
 
+    def _step_function(self, compile, device_type):
+        """decode_step, or its torch.compile'd version: made once, reused by later calls (CUDA graphs on GPU)."""
+        if compile and self.compiled_step is None:
+            # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
+            # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per
+            # (length, read) pair, a handful per schedule. Padding every step to the longest would feed up to
+            # 1.7x more rows. On the CPU a C++ wrapper around the generated kernels cuts the per-step
+            # overhead; on a GPU CUDA graphs do that job (docs/experiments.md, decoding speed).
+            how = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
+            # Every model shares decode_step's code object, and dynamo's recompile limit (8) counts the graphs
+            # of all of them: past it a second model (another size) would silently run eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled_step = torch.compile(self.decode_step, **how)
+        return self.compiled_step if compile else self.decode_step
+
     def _decode(self, rope, order, generated, schedule, guidance, callback, compile, sampling):
         """The decoding loop (docs/algorithm.md §4): prefill, then sample / feed until every token is drawn."""
         B, N = generated.shape
@@ -622,18 +637,7 @@ class RandAR(nn.Module):
         n_slots = (2 * N + 1 + 7) // 8 * 8  # 1 + 2N slots, rounded up to 8
         self.setup_caches(G * B, n_slots, dtype, rope.device)
         plan = feed_plan(schedule, K, n_slots, rope.device)
-        if compile and self.compiled_step is None:  # made once, reused by later calls (CUDA graphs on GPU)
-            # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
-            # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per
-            # (length, read) pair, a handful per schedule. Padding every step to the longest would feed up to
-            # 1.7x more rows. On the CPU a C++ wrapper around the generated kernels cuts the per-step
-            # overhead; on a GPU CUDA graphs do that job (docs/experiments.md, decoding speed).
-            how = dict(mode="reduce-overhead") if rope.device.type == "cuda" else dict(options={"cpp_wrapper": True})
-            # Every model shares decode_step's code object, and dynamo's recompile limit (8) counts the graphs
-            # of all of them: past it a second model (another size) would silently run eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_step = torch.compile(self.decode_step, **how)
-        step_fn = self.compiled_step if compile else self.decode_step
+        step_fn = self._step_function(compile, rope.device.type)
         stacked_order, stacked_generated = order.repeat(G, 1), generated.repeat(G, 1)  # [G*B, N]
         logits = self.prefill(rope, guidance.labels, stacked_order, stacked_generated[:, :K], schedule[0],
                               guidance.keep)
