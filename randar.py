@@ -231,7 +231,7 @@ def feed_plan(schedule, known, n_slots, device=None):
         gen_index [4, 5, 5, 6, 6, 7, 8]       E(4) PI(5) E(5) PI(6) E(6) PI(7) PI(8)
         is_pi     [F, T, F, T, F, T, T]
         slots     [10, 11, 12, 13, 14, 15, 16] (index q sits at slots 2q+1 (PI) and 2q+2 (E))
-        queries   [5, 6]                       (PI(7), PI(8)), read 40 (slots 0..16, rounded up to 64, capped)
+        queries   [5, 6]                       (PI(7), PI(8)); read 40: slots 0..16 rounded up to 64, capped at n_slots
     L = 2n - 1 + m takes only a handful of values in a cosine schedule.
     """
     plan, q = [], known
