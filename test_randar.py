@@ -237,7 +237,7 @@ def model_compiled_once():
                                 dict(steps=88, grid=16, cfg_scale=(1.0, 4.0))])  # the paper's N = 256, 88 steps
 
 
-def test_torch_compile_equals_eager(model_compiled_once, kw):
+def test_compiled_decoding_gives_the_eager_tokens(model_compiled_once, kw):
     """The real compiled step (reused across cases: new lengths and cache sizes recompile) against eager:
     same generator, same tokens, logits within 1e-5 of the largest."""
     kw = {"labels": torch.tensor([3, 6]), **kw}
@@ -332,7 +332,7 @@ def test_feed_plan_rewrites_queries_at_their_training_slots():
 
 
 @pytest.mark.parametrize("order", ["random", "raster"])
-def test_known_prefix(order):
+def test_a_known_prefix_is_kept_and_decodes_like_teacher_forcing(order):
     model = random_gpt(seed=3)
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([2, 5])
@@ -371,7 +371,7 @@ def test_same_generator_same_tokens_and_generators_differ():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_tiny_model_overfits():
+def test_a_tiny_model_overfits_a_small_batch():
     torch.manual_seed(0)
     cfg = RandARConfig(**{**TINY, "num_classes": 8}, token_dropout_p=0, resid_dropout_p=0, ffn_dropout_p=0,
                        class_dropout_prob=0)
@@ -487,7 +487,7 @@ def test_tokenizer_training_mode_quantizer_matches_reference(fx):
     assert torch.equal(model.quantize.codebook_used[-128:], ref["codebook_used_last_entries"])
 
 
-def test_llamagen_vq16_layout():
+def test_llamagen_vq16_preset_has_the_published_layout():
     with torch.device("meta"):
         model = tok.VQModel(tok.PRESETS["llamagen-vq16"])
     sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -622,14 +622,14 @@ def write_images(folder, n=4, size=(40, 36)):
             Image.fromarray(np.random.randint(0, 255, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, c, f"{i}.png"))
 
 
-def test_image_folder(tmp_path):
+def test_an_image_folder_gives_classes_from_subfolders(tmp_path):
     write_images(tmp_path)
     ds, num_classes = tok.open_dataset(str(tmp_path), "train", image_size=32)
     x, y = ds[5]
     assert num_classes == 2 and len(ds) == 8 and x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 1
 
 
-def test_tokenizer_cli_errors(tmp_path):
+def test_tokenizer_command_line_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     corrupt = tmp_path / "corrupt"
@@ -1022,7 +1022,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def test_sample_cli_png_npz_and_seed(tiny_run, tmp_path):
+def test_sample_command_writes_png_and_npz_and_a_seed_fixes_them(tiny_run, tmp_path):
     """`python sample.py` (the script's smoke run) and the same command in this process: one seed, one result."""
     argv = ["--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--per-class", 3, "--seed", 7, "--steps", 5]
     r = run("sample.py", *argv, "--out", tmp_path / "a.png", "--out-npz", tmp_path / "a.npz")
@@ -1106,7 +1106,7 @@ def test_npz_images_are_read_memory_mapped_and_unchanged(tmp_path):
         assert isinstance(read, np.memmap) == mapped and np.array_equal(read, images), name
 
 
-def test_sample_figures_and_animation(tiny_run, tmp_path):
+def test_sample_figures_and_animation_have_their_layout(tiny_run, tmp_path):
     ckpt = os.path.join(tiny_run, "last.pt")
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
     for command, extra, size in [("compare", ["--classes", "0,1"], (56 + 2 * 66, 6 * 66)),
@@ -1138,7 +1138,7 @@ def test_inpainting_keeps_known_tokens(tiny_run, tmp_path):
     assert os.path.exists(tmp_path / "o.png")
 
 
-def test_sample_cli_errors(tiny_run, tmp_path):
+def test_sample_command_line_errors_are_one_line_and_write_nothing(tiny_run, tmp_path):
     ckpt = os.path.join(tiny_run, "last.pt")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "mask20.png")
@@ -1197,7 +1197,7 @@ def test_bench_measures_every_size_and_divides_by_the_schedules_step_count(capsy
 
 # ---- eval_fid.py -------------------------------------------------------------------------------
 
-def test_frechet_distance_closed_form():
+def test_frechet_distance_matches_the_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     d1, d2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
@@ -1305,7 +1305,7 @@ def test_eval_fid_cli_npz_and_folder_agree(tmp_path, capsys):
     assert np.load(tmp_path / "c.npz")["features"].shape == (8, 2048)
 
 
-def test_eval_fid_cli_errors(tmp_path):
+def test_eval_fid_command_line_errors_are_one_line(tmp_path):
     np.savez(tmp_path / "no_arr0.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "rank3.npz", arr_0=np.zeros((3, 8, 8), np.uint8))
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
