@@ -398,8 +398,8 @@ def step_floor_ms(model, N, rows, steps, flops_s, device, sync):
     weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
     flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (N + 1) * cfg.dim)
     byte_count = 4 * weights + rows * cfg.n_layer * 2 * (N + 1) * cfg.dim * 4
-    buffer = torch.zeros(byte_count // 4, device=device)
-    return 1000 * max(flops / flops_s, byte_count / measured_rate(buffer.sum, byte_count, sync))
+    buffer = torch.zeros(min(byte_count, 1 << 28) // 4, device=device)  # the read rate levels off by 256 MB
+    return 1000 * max(flops / flops_s, byte_count / measured_rate(buffer.sum, 4 * buffer.numel(), sync))
 
 
 def bench_kinds(model, N, compile):
@@ -446,14 +446,14 @@ def bench(model, args):
         kinds, rows = bench_kinds(model, N, args.compile), []
         if args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for batch in (1, args.bench_batch):
-            labels = torch.arange(batch, device=args.device) % model.config.num_classes
-            times = time_kinds(model, labels, math.isqrt(N), kinds, args, sync)
-            for name, steps, _ in kinds:
-                n_steps = N if steps is None else len(decoding_schedule(N, steps))
-                floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, args.device, sync)
-                rows.append((batch, name, times[name], n_steps, floor, times["eager, 1 token/step"] / times[name]))
+        times = {batch: time_kinds(model, torch.arange(batch, device=args.device) % model.config.num_classes,
+                                   math.isqrt(N), kinds, args, sync) for batch in (1, args.bench_batch)}
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
+        for batch, (name, steps, _) in itertools.product(times, kinds):  # floors after the peak: they allocate
+            n_steps = N if steps is None else len(decoding_schedule(N, steps))
+            floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, args.device, sync)
+            rows.append((batch, name, times[batch][name], n_steps, floor,
+                         times[batch]["eager, 1 token/step"] / times[batch][name]))
         print(f"\nN={N} tokens ({math.isqrt(N)}x{math.isqrt(N)}), {model.config.dim}-wide, {model.config.n_layer} "
               f"layers, device {args.device}{peak}, CFG {args.cfg}, median of {args.repeats}; machine: "
               f"{flops_s / 1e9:.0f} GFLOP/s matmul")
