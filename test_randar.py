@@ -3,6 +3,10 @@
     python -m pytest -q test_randar.py
 
 The reference's golden outputs live in fixtures/ (see docs/algorithm.md §11): a clone checks itself.
+Sections follow the code: the model (reference equivalence; fast paths against the slow computation),
+tokenizer, train.py, sample.py, eval_fid.py, extrapolation, bi-directional features, every script's command
+line, the code base. Commands run in this process through each script's `cli`; child processes only where
+the process boundary is the point (kills, torchrun, timeouts, locks) and once per script.
 """
 import hashlib
 import http.server
