@@ -647,7 +647,6 @@ class RandAR(nn.Module):
             new = sample(logits, **sampling)  # [B, n], all queries in one call
             if callback is not None:
                 callback(step, logits, new)
-            generated[:, done:done + n] = new
             stacked_generated[:, done:done + n] = new.repeat(G, 1)
             if step + 1 == len(schedule):
                 break  # the last step's tokens are never fed
@@ -655,4 +654,4 @@ class RandAR(nn.Module):
             if compile:
                 logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
             done += n
-        return generated
+        return stacked_generated[:B]  # the groups hold the same tokens

@@ -390,16 +390,19 @@ def measured_rate(fn, work, sync):
     return work / statistics.median(runs)
 
 
-def step_floor_ms(model, N, rows, steps, flops_s, device, sync):
-    """Lower bound on one decode step: its FLOPs at the matmul rate, or the bytes it reads (weights, and the
-    cache prefix: N + 1 slots on average) at the rate a buffer that size is read (cache-resident if they are)."""
+def step_work(model, N, rows, steps):
+    """(FLOPs, bytes read) of one decode step: the weights, and the cache prefix (N + 1 slots on average)."""
     cfg = model.config
     fed_per_step = 2 * N / steps  # every token is fed about twice (PI + image)
     weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
     flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (N + 1) * cfg.dim)
-    byte_count = 4 * weights + rows * cfg.n_layer * 2 * (N + 1) * cfg.dim * 4
-    buffer = torch.zeros(min(byte_count, 1 << 28) // 4, device=device)  # the read rate levels off by 256 MB
-    return 1000 * max(flops / flops_s, byte_count / measured_rate(buffer.sum, 4 * buffer.numel(), sync))
+    return flops, 4 * weights + rows * cfg.n_layer * 2 * (N + 1) * cfg.dim * 4
+
+
+def read_rate(nbytes, device, sync):
+    """Bytes/s at which a buffer of nbytes is read (cache-resident if that small; levels off by 256 MB)."""
+    buffer = torch.zeros(min(nbytes, 1 << 28) // 4, device=device)
+    return measured_rate(buffer.sum, 4 * buffer.numel(), sync)
 
 
 def bench_kinds(model, N, compile):
@@ -449,9 +452,12 @@ def bench(model, args):
         times = {batch: time_kinds(model, torch.arange(batch, device=args.device) % model.config.num_classes,
                                    math.isqrt(N), kinds, args, sync) for batch in (1, args.bench_batch)}
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
-        for batch, (name, steps, _) in itertools.product(times, kinds):  # floors after the peak: they allocate
+        bytes_s = {batch: read_rate(step_work(model, N, groups * batch, N)[1], args.device, sync)
+                   for batch in times}  # after the peak: the buffer allocates
+        for batch, (name, steps, _) in itertools.product(times, kinds):
             n_steps = N if steps is None else len(decoding_schedule(N, steps))
-            floor = step_floor_ms(model, N, groups * batch, n_steps, flops_s, args.device, sync)
+            flops, byte_count = step_work(model, N, groups * batch, n_steps)
+            floor = 1000 * max(flops / flops_s, byte_count / bytes_s[batch])  # the roofline: ms per step
             rows.append((batch, name, times[batch][name], n_steps, floor,
                          times[batch]["eager, 1 token/step"] / times[batch][name]))
         print(f"\nN={N} tokens ({math.isqrt(N)}x{math.isqrt(N)}), {model.config.dim}-wide, {model.config.n_layer} "
