@@ -20,6 +20,7 @@ Usage:
     logits, loss = model(tokens, labels, order="random")                  # training
     tokens = model.generate(labels, steps=16, cfg_scale=(1.0, 3.0))        # [B, N], raster layout
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
@@ -401,6 +402,7 @@ class RandAR(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base), persistent=False)
         self.compiled_step = None  # torch.compile(self.decode_step), made on the first generate(compile=True)
+        self.compiled_weights = None  # (address, version) of each parameter when compiled_step was made
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -614,19 +616,30 @@ class RandAR(nn.Module):
         return Guidance(torch.cat([labels, null, null]), keep, 3, cfg_scale, spatial_cfg_scale)
 
     def _step_function(self, compile, device_type):
-        """decode_step, or its torch.compile'd version: made once, reused by later calls (CUDA graphs on GPU)."""
-        if compile and self.compiled_step is None:
+        """(decode_step or its torch.compile'd version, the context to call it in). The compiled step is made
+        once and reused by later calls (CUDA graphs on GPU) while the weights stay as they were."""
+        if not compile:
+            return self.decode_step, contextlib.nullcontext()
+        weights = [(p.data_ptr(), p._version) for p in self.parameters()]  # _version counts in-place writes
+        if self.compiled_step is not None and weights != self.compiled_weights:
+            torch._dynamo.reset()  # the CPU graphs hold the weights they were compiled with as constants
+            self.compiled_step = None
+        if self.compiled_step is None:
             # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
             # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per
             # (length, read) pair, a handful per schedule. Padding every step to the longest would feed up to
-            # 1.7x more rows. On the CPU a C++ wrapper around the generated kernels cuts the per-step
-            # overhead; on a GPU CUDA graphs do that job (docs/experiments.md, decoding speed).
+            # 1.7x more rows. On the CPU, freezing turns the weights into constants, stored in the layout the
+            # matrix-product library reads fastest, and a C++ wrapper around the generated kernels cuts the
+            # per-step overhead; on a GPU CUDA graphs do that job (docs/experiments.md, decoding speed).
             how = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
             # Every model shares decode_step's code object, and dynamo's recompile limit (8) counts the graphs
             # of all of them: past it a second model (another size) would silently run eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_step = torch.compile(self.decode_step, **how)
-        return self.compiled_step if compile else self.decode_step
+            self.compiled_step, self.compiled_weights = torch.compile(self.decode_step, **how), weights
+        if device_type == "cuda":
+            return self.compiled_step, contextlib.nullcontext()
+        from torch._inductor import config  # freezing is read when dynamo compiles: inside the decoding loop
+        return self.compiled_step, config.patch(freezing=True)
 
     def _decode(self, rope, order, generated, schedule, guidance, callback, compile, sampling):
         """The decoding loop (docs/algorithm.md §4): prefill, then sample / feed until every token is drawn."""
@@ -637,21 +650,22 @@ class RandAR(nn.Module):
         n_slots = (2 * N + 1 + 7) // 8 * 8  # 1 + 2N slots, rounded up to 8
         self.setup_caches(G * B, n_slots, dtype, rope.device)
         plan = feed_plan(schedule, K, n_slots, rope.device)
-        step_fn = self._step_function(compile, rope.device.type)
+        step_fn, step_context = self._step_function(compile, rope.device.type)
         stacked_order, stacked_generated = order.repeat(G, 1), generated.repeat(G, 1)  # [G*B, N]
         logits = self.prefill(rope, guidance.labels, stacked_order, stacked_generated[:, :K], schedule[0],
                               guidance.keep)
         done = K
-        for step, n in enumerate(schedule):
-            logits = guided_logits(logits, G, *guidance.scales(done / N))
-            new = sample(logits, **sampling)  # [B, n], all queries in one call
-            if callback is not None:
-                callback(step, logits, new)
-            stacked_generated[:, done:done + n] = new.repeat(G, 1)
-            if step + 1 == len(schedule):
-                break  # the last step's tokens are never fed
-            logits = step_fn(rope, stacked_order, stacked_generated, plan[step])
-            if compile:
-                logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
-            done += n
+        with step_context:
+            for step, n in enumerate(schedule):
+                logits = guided_logits(logits, G, *guidance.scales(done / N))
+                new = sample(logits, **sampling)  # [B, n], all queries in one call
+                if callback is not None:
+                    callback(step, logits, new)
+                stacked_generated[:, done:done + n] = new.repeat(G, 1)
+                if step + 1 == len(schedule):
+                    break  # the last step's tokens are never fed
+                logits = step_fn(rope, stacked_order, stacked_generated, plan[step])
+                if compile:
+                    logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+                done += n
         return stacked_generated[:B]  # the groups hold the same tokens

@@ -276,6 +276,17 @@ def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
     assert counters["stats"]["unique_graphs"] == warm
 
 
+def test_compiled_decoding_follows_weights_loaded_after_compiling():
+    """On the CPU the compiled step holds the weights as constants (freezing): weights loaded into the
+    model afterwards must reach it (same generator: the eager tokens of the new weights)."""
+    model, labels = random_gpt(seed=9), torch.tensor([3, 6])
+    draw = lambda compiled: model.generate(labels, steps=4, compile=compiled, generator=torch.Generator().manual_seed(0))
+    old_tokens = draw(True)
+    model.load_state_dict(random_gpt(seed=10).state_dict())
+    new_tokens = draw(False)
+    assert not torch.equal(new_tokens, old_tokens) and torch.equal(draw(True), new_tokens)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(steps=5), dict(steps=6, cfg_scale=(1.0, 3.0)), dict(steps=4, known=True),
                                 dict(steps=20, grid=8, cfg_scale=(1.0, 3.0))])
 
