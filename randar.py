@@ -271,10 +271,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots, k, v, read):
-        """Write k, v [B, H, T, hd] at slots [T]; return the first `read` slots of the caches."""
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
-        return self.k[:, :, :read], self.v[:, :, :read]
+        """Write k, v [B, H, T, hd] at slots [T] of the first B rows; return those rows' first `read` slots."""
+        B = k.size(0)
+        self.k[:B, :, slots] = k
+        self.v[:B, :, slots] = v
+        return self.k[:B, :, :read], self.v[:B, :, :read]
 
 
 def written_out_attention(q, k, v, mask):
@@ -510,12 +511,15 @@ class RandAR(nn.Module):
     # ---- generation with a KV cache (docs/algorithm.md §4-7) -------------------------------------
 
     def setup_caches(self, batch, slots, dtype, device):
-        """Full-size K/V caches for `batch` rows and `slots` slots, owned by the model until
-        free_caches(). Kept across generate() calls of the same size, so a compiled decode step
-        (CUDA graphs) keeps reading the same memory; every slot read in a call is written first."""
+        """K/V caches for at least `batch` rows and `slots` slots, owned by the model until free_caches().
+        Kept while they are big enough (a call uses their first rows and slots), so that a compiled step
+        keeps seeing the same tensors: CUDA graphs read fixed memory, and frozen CPU graphs are guarded on
+        the buffers themselves. Slots a call reads but has not written are masked."""
         old = self.layers[0].attention.kv_cache
-        if old is not None and old.k.shape[::2] == (batch, slots) and (old.k.dtype, old.k.device) == (dtype, device):
-            return
+        if old is not None and (old.k.dtype, old.k.device) == (dtype, device):
+            if old.k.size(0) >= batch and old.k.size(2) >= slots:
+                return
+            batch, slots = max(batch, old.k.size(0)), max(slots, old.k.size(2))  # grow, never shrink
         hd = self.config.dim // self.config.n_head
         for layer in self.layers:
             att = layer.attention
@@ -636,8 +640,10 @@ class RandAR(nn.Module):
             return self.decode_step, contextlib.nullcontext()
         weights = [(p.data_ptr(), p._version) for p in self.parameters()]  # _version counts in-place writes
         if self.compiled_step is not None and weights != self.compiled_weights:
-            torch._dynamo.reset()  # the CPU graphs hold the weights they were compiled with as constants
-            self.compiled_step = None
+            # The CPU graphs hold the weights they were compiled with as constants: drop decode_step's graphs
+            # (every model's; the others recompile when next used), and nothing else that was compiled.
+            torch._dynamo.reset_code(RandAR.decode_step.__code__)
+            self.compiled_weights = weights
         if self.compiled_step is None:
             # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
             # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per

@@ -10,6 +10,7 @@ the process boundary is the point (kills, torchrun, timeouts, locks) and once pe
 """
 import hashlib
 import http.server
+import itertools
 import json
 import os
 import re
@@ -271,18 +272,19 @@ def test_compiled_decoding_gives_the_eager_tokens(model_compiled_once, kw):
 
 
 def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
-    """At N = 256 (a 16x16 grid), one parallel schedule and one token per step compile 1 to 4 graphs (at
-    least one: a model whose graphs went past dynamo's recompile limit would run eager, unseen); after them
-    any other schedule at that size and batch runs on the graphs it has (automatic dynamic shapes; cache
-    reads come in READ_BUCKET steps). A width no other test compiles, so that no graph is reused."""
+    """At N = 256 (a 16x16 grid), one parallel schedule and one token per step, at batch 2 and 1, compile
+    2 to 8 graphs (some: a model whose graphs went past dynamo's recompile limit would run eager, unseen);
+    after them any other schedule at those batches runs on the graphs it has (automatic dynamic shapes;
+    cache reads come in READ_BUCKET steps; the caches are kept, not reallocated for the smaller batch).
+    A width no other test compiles, so that no graph is reused."""
     from torch._dynamo.utils import counters
-    model, labels = random_gpt(seed=8, dim=32), torch.tensor([3, 6])
+    model, batches = random_gpt(seed=8, dim=32), (torch.tensor([3, 6]), torch.tensor([4]))
     before = counters["stats"]["unique_graphs"]
-    for steps in (88, None):
+    for steps, labels in itertools.product((88, None), batches):
         model.generate(labels, steps=steps, grid=16, compile=True)
     warm = counters["stats"]["unique_graphs"]
-    assert 1 <= warm - before <= 4
-    for steps in (40, 100, 64, 7):
+    assert 2 <= warm - before <= 8
+    for steps, labels in itertools.product((40, 100, 64, 7), batches):
         model.generate(labels, steps=steps, grid=16, compile=True)
     assert counters["stats"]["unique_graphs"] == warm
 
