@@ -271,10 +271,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots, k, v, read):
-        """Write k, v [B, H, T, hd] at slots [T] of the first B rows; return those rows' first `read` slots."""
+        """Write k, v [B, H, T, hd] at slots [T] of the first B rows; return those rows' first `read` slots.
+        The write indexes the whole buffer: written through a view, the compiled step would copy it."""
         B = k.size(0)
-        self.k[:B, :, slots] = k
-        self.v[:B, :, slots] = v
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1) with slots (T,): the result is (B, T, H, hd)
+        self.k[rows, :, slots] = k.transpose(1, 2)
+        self.v[rows, :, slots] = v.transpose(1, 2)
         return self.k[:B, :, :read], self.v[:B, :, :read]
 
 
