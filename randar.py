@@ -640,6 +640,9 @@ class RandAR(nn.Module):
         once and reused by later calls (CUDA graphs on GPU) while the weights stay as they were."""
         if not compile:
             return self.decode_step, contextlib.nullcontext()
+        if any(p.is_inference() for p in self.parameters()):
+            raise ValueError("compile=True needs weights made outside torch.inference_mode(), whose in-place "
+                             "changes can be tracked (make the model under torch.no_grad() instead)")
         weights = [(p.data_ptr(), p._version) for p in self.parameters()]  # _version counts in-place writes
         if self.compiled_step is not None and weights != self.compiled_weights:
             # The CPU graphs hold the weights they were compiled with as constants: drop decode_step's graphs

@@ -300,6 +300,15 @@ def test_compiled_decoding_follows_weights_loaded_after_compiling():
     assert not torch.equal(new_tokens, old_tokens) and torch.equal(draw(True), new_tokens)
 
 
+def test_compiling_refuses_weights_made_in_inference_mode():
+    """Inference tensors keep no version counter: a change to them could not reach the frozen graphs."""
+    with torch.inference_mode():
+        model = RandAR(RandARConfig(**TINY)).eval()
+    assert model.generate(torch.tensor([1]), steps=4).shape == (1, 16)  # eager needs no tracking
+    with pytest.raises(ValueError, match="inference_mode"):
+        model.generate(torch.tensor([1]), steps=4, compile=True)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(steps=5), dict(steps=6, cfg_scale=(1.0, 3.0)), dict(steps=4, known=True),
                                 dict(steps=20, grid=8, cfg_scale=(1.0, 3.0))])
 
