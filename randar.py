@@ -419,7 +419,7 @@ class RandAR(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base), persistent=False)
         self.compiled_step = None  # torch.compile(self.decode_step), made on the first generate(compile=True)
-        self.compiled_weights = None  # (address, version) of each parameter when compiled_step was made
+        self.compiled_weights = None  # (address, version) of each parameter when compiled_step last ran
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -648,7 +648,7 @@ class RandAR(nn.Module):
             # The CPU graphs hold the weights they were compiled with as constants: drop decode_step's graphs
             # (every model's; the others recompile when next used), and nothing else that was compiled.
             torch._dynamo.reset_code(RandAR.decode_step.__code__)
-            self.compiled_weights = weights
+        self.compiled_weights = weights
         if self.compiled_step is None:
             # Steps keep their exact shapes: dynamo compiles the first as is and, on the next new length or
             # read, one graph with symbolic sizes (automatic dynamic shapes); CUDA graphs are recorded per
@@ -660,7 +660,7 @@ class RandAR(nn.Module):
             # Every model shares decode_step's code object, and dynamo's recompile limit (8) counts the graphs
             # of all of them: past it a second model (another size) would silently run eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_step, self.compiled_weights = torch.compile(self.decode_step, **how), weights
+            self.compiled_step = torch.compile(self.decode_step, **how)
         if device_type == "cuda":
             return self.compiled_step, contextlib.nullcontext()
         from torch._inductor import config  # freezing is read when dynamo compiles: inside the decoding loop
