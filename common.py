@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from randar import PRESETS, RandAR, RandARConfig
-
 
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints: ours (torch.save'd dicts) and the released RandAR format.
@@ -77,22 +75,21 @@ def read_safetensors(path):
 
 
 def read_official_yaml(path):
-    """The `key: value` lines of the `ar_model:` -> `params:` block of a RandAR YAML config -> dict.
-    Only as much YAML as those configs use: plain scalars, indentation for nesting."""
+    """The `key: value` lines of the `ar_model:` -> `params:` block of a RandAR YAML config -> dict (only as much
+    YAML as those configs use: plain scalars, nesting by indentation)."""
     params, parents = {}, []  # parents: (indent, key) of the blocks enclosing the current line
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].rstrip()
             if not line:
                 continue
-            depth = len(line) - len(line.lstrip())
-            key, _, value = (part.strip() for part in line.partition(":"))
+            depth, (key, _, value) = len(line) - len(line.lstrip()), (part.strip() for part in line.partition(":"))
             while parents and parents[-1][0] >= depth:
                 parents.pop()
             if [k for _, k in parents] == ["ar_model", "params"]:
-                if not value or key.startswith("-"):
-                    raise ValueError(f"{path}:{lineno}: nested value under ar_model.params ({line.strip()!r}) "
-                                     f"is not supported")
+                if not value or key.startswith("-") or value[0] in "[{&*!|>":
+                    raise ValueError(f"{path}:{lineno}: {line.strip()!r} under ar_model.params is not a plain "
+                                     f"'key: value' (nested values are not supported)")
                 params[key] = yaml_scalar(value)
             elif not value:
                 parents.append((depth, key))
@@ -103,44 +100,12 @@ def read_official_yaml(path):
 
 def yaml_scalar(text):
     constants = {"true": True, "false": False, "none": None, "null": None, "~": None}
-    if text.lower() in constants:
-        return constants[text.lower()]
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    if text[0] in "[{&*!|>":
-        raise ValueError(f"unsupported YAML value {text!r} (only plain scalars are read)")
-    return text.strip("'\"")
-
-
-def load_model(path, config=None, preset=None):
-    """RandAR from train.py's checkpoint (config inside) or an official .safetensors state dict (config
-    from the YAML `config` or a preset name) -> (model, the checkpoint's other small entries).
-    Strict load: the parameter names are the reference's."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        if config is None and preset is None:
-            raise ValueError(f"{path} carries no config: pass its YAML (--config) or a preset (--preset)")
-        cfg = RandARConfig.from_dict(read_official_yaml(config)) if config else PRESETS[preset]
-        state, extras = read_safetensors(path), {}
-    else:
-        ckpt = load_torch_file(path, "RandAR checkpoint")
-        if not isinstance(ckpt.get("config"), dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
-            what = "a tokenizer checkpoint" if "encoder.conv_in.weight" in ckpt.get("model", {}) else "another file"
-            raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
-                             f"(or an official .safetensors)")
-        # train.py's EMA weights when it kept them (for sampling), else the trained weights
-        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt.get("ema", ckpt["model"])
-        extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
-    model = RandAR(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config ({str(e).splitlines()[1].strip()})") from None
-    return model.eval(), extras
+    return constants.get(text.lower(), text.strip("'\""))
 
 
 # ----------------------------------------------------------------------------------------------

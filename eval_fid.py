@@ -9,7 +9,9 @@ to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits f
 Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -24,6 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+import tokenizer as tok
+from randar import load_model
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -32,9 +36,9 @@ WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_wei
 # Inception-v3, FID variant. Module names are those of the weights file (torchvision's layout).
 
 class BasicConv2d(nn.Module):
-    def __init__(self, c_in, c_out, **kw):
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, bias=False, **kw)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
 
     def forward(self, x):
@@ -46,92 +50,83 @@ def avg_pool_tf(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
+def chain(module, prefix, x):
+    """x through module.<prefix>1, <prefix>2, ... in turn."""
+    for i in itertools.count(1):
+        if not hasattr(module, f"{prefix}{i}"):
+            return x
+        x = getattr(module, f"{prefix}{i}")(x)
+
+
 class InceptionA(nn.Module):
     def __init__(self, c_in, pool_features):
         super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(c_in, 48, 1), BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 64, 1), BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch1x1(x), chain(self, "branch5x5_", x), chain(self, "branch3x3dbl_", x),
                           self.branch_pool(avg_pool_tf(x))], 1)
 
 
 class InceptionB(nn.Module):  # grid reduction 35 -> 17
     def __init__(self, c_in):
         super().__init__()
-        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 64, 1), BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.branch3x3(x), chain(self, "branch3x3dbl_", x), F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, c_in, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = BasicConv2d(c_in, c7, 1), BasicConv2d(c7, c7, **row), \
+            BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv2d(c_in, c7, 1), BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv2d(c7, c7, **row), BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
 
     def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for i in range(1, 6):
-            d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool_tf(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, "branch7x7_", x), chain(self, "branch7x7dbl_", x),
+                          self.branch_pool(avg_pool_tf(x))], 1)
 
 
 class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, c_in):
         super().__init__()
-        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(c_in, 192, 1), BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
         self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
-        b7 = x
-        for i in range(1, 5):
-            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([chain(self, "branch3x3_", x), chain(self, "branch7x7x3_", x), F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
     def __init__(self, c_in, max_pool):
         super().__init__()
         self.max_pool = max_pool  # the FID network's last block max-pools here (a quirk of the TF graph)
-        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch1x1, self.branch3x3_1 = BasicConv2d(c_in, 320, 1), BasicConv2d(c_in, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
         self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 448, 1), BasicConv2d(448, 384, 3, padding=1)
         self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, d = self.branch3x3_1(x), chain(self, "branch3x3dbl_", x)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_tf(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
                           self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
@@ -337,6 +332,85 @@ def read_npz(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the project trains
+# on Fashion-MNIST's training split is the feature network, its test split the reference.
+
+class FashionNet(nn.Module):
+    """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: three strided convolutions, small enough
+    to train on 2 CPU cores in about a minute (~89 % test accuracy)."""
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                                      nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, images):
+        """images (B, 1, 32, 32) uint8 -> features (B, 128), logits (B, 10)."""
+        f = self.features(images.float() / 127.5 - 1)
+        return f, self.head(f)
+
+
+def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
+    """Trained on the training split, seeded: the same machine gives the same network."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    (images, labels), test = tok.fashion_mnist("train", data_dir), tok.fashion_mnist("test", data_dir)
+    model, pick = FashionNet(), torch.randint(0, len(images), (steps, batch_size), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step, i in enumerate(tqdm(pick, desc="Fashion-MNIST classifier")):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = F.cross_entropy(model(images[i])[1], labels[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    accuracy = (classifier_outputs(model.eval(), test[0])[1].argmax(1) == test[1].numpy()).mean()
+    print(f"Fashion-MNIST classifier: {100 * accuracy:.2f}% test accuracy")
+    return model
+
+
+@torch.no_grad()
+def classifier_outputs(model, images, batch_size=500):
+    """uint8 images, (N, 1, H, W) or NHWC with H, W 28 or 32 -> features (N, 128) float64, logits (N, 10)."""
+    images = torch.as_tensor(np.array(images))  # a copy: memory-mapped arrays are read-only
+    if images.dim() == 4 and images.shape[-1] == 1:
+        images = images.permute(0, 3, 1, 2)
+    if images.shape[1:] not in ((1, 28, 28), (1, 32, 32)):
+        raise ValueError(f"the Fashion-MNIST scorer takes grey 28x28 or 32x32 images, got shape {tuple(images.shape)}")
+    images = F.pad(images, (2, 2, 2, 2)) if images.size(-1) == 28 else images
+    outs = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat([f for f, _ in outs]).double().numpy(), torch.cat([l for _, l in outs]).numpy()
+
+
+def fashion_classifier(args):
+    """The cached classifier (trained on first use) -> FashionNet in eval mode."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", "randar_fashion_classifier.pt")
+    if not os.path.isfile(path):
+        common.save_atomic({"model": train_fashion_classifier(args.data_dir).state_dict()}, path)
+    model = FashionNet()
+    model.load_state_dict(common.load_torch_file(path, "Fashion-MNIST classifier")["model"], strict=True)
+    return model.eval()
+
+
+def fashion_scores(model, images, labels, data_dir=None):
+    """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall of the
+    images' features against the test split's."""
+    feats, logits = classifier_outputs(model, images)
+    ref = classifier_outputs(model, tok.fashion_mnist("test", data_dir)[0])[0]
+    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    precision, recall = precision_recall(ref, feats)
+    return {"class_consistency": float((logits.argmax(1) == np.asarray(labels)).mean()), "fid": fd,
+            "precision": precision, "recall": recall}
+
+
+def score_fashion_npz(args):
+    path = args.inputs[0]
+    if "arr_1" not in common.npz_names(path):
+        raise ValueError(f"{path} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
+    return fashion_scores(fashion_classifier(args), load_images(path), common.npz_array(path, "arr_1"), args.data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
 # Linear probe of RandAR's features (docs/algorithm.md §9): how much of the class a frozen model's
 # features hold, read by a linear classifier trained on the train split, scored on the test split.
 
@@ -358,39 +432,10 @@ def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4):
 
 
 @torch.no_grad()
-def token_features(model, tokens, labels=None, layer=-1, kind="bidirectional"):
-    """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout).
-
-    'bidirectional': a first pass feeds the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)]
-    (raster order), a second pass feeds PI(p) for every position p again; the second pass's hidden
-    state at PI(p) has attended to every image token and is tied to position p. 'causal': one
-    raster pass read at E(t_p), which has seen only tokens 0..p. labels None -> the null class
-    (the features are not told the answer). layer: hidden states after that many blocks
-    (-1: after all blocks and the final norm, what the output head reads).
-    """
-    B, N = tokens.shape
-    if kind not in ("bidirectional", "causal") or N != model.config.block_size:
-        raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {model.config.block_size}], "
-                         f"got {kind!r} and {tuple(tokens.shape)}")
-    labels = torch.full((B,), model.config.num_classes, device=tokens.device) if labels is None \
-        else model.check_labels(labels, allow_null=True)
-    order, rope = torch.arange(N, device=tokens.device).expand(B, N), model.rope
-    pairs, pair_rope = model.pairs(order, tokens, rope)
-    x, rows = [model.cls_embedding(labels)[:, None], pairs], [rope[:1].expand(B, 1, -1, -1), pair_rope]
-    if kind == "bidirectional":
-        x.append(model.position_instructions(order, rope))  # second pass: PI(0) ... PI(N-1)
-        rows.append(rope[order + 1])
-    h = model.transformer(torch.cat(x, 1), torch.cat(rows, 1), n_layers=None if layer == -1 else layer)
-    if layer == -1:
-        h = model.norm(h)
-    return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
-
-
-@torch.no_grad()
 def probe(args):
     """Accuracy of a linear classifier on mean-pooled bi-directional and causal features, and on a bag
     of codebook indices, for the token files train.py wrote beside the checkpoint."""
-    model = common.load_model(args.probe)[0].to(args.device)
+    model = load_model(args.probe)[0].to(args.device)
     folder = os.path.dirname(args.probe)
     splits = {s: common.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
     data = {s: (d["tokens"][:args.probe_images].long(), d["labels"][:args.probe_images]) for s, d in splits.items()}
@@ -398,7 +443,7 @@ def probe(args):
     bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
     results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
     for kind in ("bidirectional", "causal"):
-        feats = {s: torch.cat([token_features(model, t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
+        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
                                .mean(1).double().cpu() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
                  for s, (t, _) in data.items()}
         results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
@@ -414,6 +459,8 @@ def main(args):
             common.check_output(out)
     if args.probe:
         return probe(args)
+    if args.inputs[1:] == ["fashion-mnist"]:
+        return report(score_fashion_npz(args), args.json)
     cache = {}
 
     def model():  # loaded only when some input is images, once
@@ -439,15 +486,21 @@ def main(args):
         results["is_mean"], results["is_std"] = inception_score(logits)
     if f1 is not None and f2 is not None:
         results["precision"], results["recall"] = precision_recall(f2, f1)
+    report(results, args.json)
+
+
+def report(results, json_path):
     for name, v in results.items():
         print(f"{name}: {v:.4f}")
-    if args.json:
-        common.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), args.json)
+    if json_path:
+        common.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), json_path)
 
 
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
-    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz)")
+    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz; REF "
+                   "'fashion-mnist': the demo's own scorer)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files (the scorer's data)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
     p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
     p.add_argument("--json", default=None, help="also write the metrics here")

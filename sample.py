@@ -1,18 +1,19 @@
-r"""Sample from a trained RandAR: any order, parallel decoding, zero-shot editing, animations, a benchmark.
+r"""Sample from a trained RandAR: the figures, zero-shot editing, the FID protocol's images, the benchmark.
 
     python sample.py                                   # grid from runs/demo/last.pt, one row per class
-    python sample.py grid --steps 22 --cfg 1,3         # parallel decoding: 22 steps instead of 64
+    python sample.py grid --steps 22                   # parallel decoding: 22 steps instead of 64
     python sample.py compare                           # raster vs random vs parallel, one figure
     python sample.py animate --class 7                 # GIF: raster / random / parallel decoding, step by step
     python sample.py inpaint img.png --mask 8,8,24,24 --edit-class 3
     python sample.py outpaint img.png --sides right --extend 8 --edit-class 9
     python sample.py extrapolate --factor 2            # 2x larger token grid, zero-shot
-    python sample.py bench --compile                   # ms/image: uncached, cached, parallel, compiled
-    torchrun --nproc_per_node=8 sample.py grid --ckpt randar_0.7b.safetensors --preset XL \
-        --vq-ckpt vq_ds16_c2i.pt --per-class 50 --cfg 1,4 --steps 88 --out-npz samples.npz   # 50k images for FID
+    python sample.py bench --preset demo --compile     # ms/image: eager / compiled, 1 token/step / parallel
+    torchrun --nproc_per_node=8 sample.py grid --ckpt randar_0.7b_llamagen_360k_bs_1024_lr_0.0004.safetensors \
+        --config randar_gpt_0.7b_llamagen.yaml --vq-ckpt vq_ds16_c2i.pt --per-class 50 --out-npz samples.npz
 
-Everything generated goes through one function, RandAR.generate (randar.py): the order, the number
-of steps and the known tokens (editing, docs/algorithm.md §7) are its arguments.
+Every image comes from generate.generate: the order, the number of steps and the known tokens (editing,
+docs/algorithm.md §7) are its arguments. Sections: loading, the FID protocol's sampler, figures, editing,
+the benchmark, the command line.
 """
 import argparse
 import hashlib
@@ -22,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -37,12 +37,16 @@ from tqdm import tqdm
 
 import common
 import tokenizer as tok
-from randar import PRESETS, RandAR, decoding_schedule
+from generate import benchmark, generate
+from randar import PRESETS, RandAR, load_model, make_order
 
 
 def load_run(args):
-    """RandAR (train.py checkpoint, or official .safetensors + --config/--preset) and its tokenizer."""
-    model, extras = common.load_model(args.ckpt, args.config, args.preset)
+    """RandAR (train.py checkpoint, or official .safetensors + --config/--preset) and its tokenizer. A release's
+    YAML names its number of decoding steps: the default of --steps."""
+    model, extras = load_model(args.ckpt, args.config, args.preset)
+    if getattr(args, "steps", 0) is None:
+        args.steps = extras.get("num_inference_steps")
     vq_path = args.vq_ckpt or os.path.join(os.path.dirname(args.ckpt), "tokenizer.pt")
     if args.vq_ckpt is None and not os.path.isfile(vq_path):  # the run's tokenizer, wherever train.py found it
         vq_path = extras.get("tokenizer", vq_path)
@@ -72,8 +76,8 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", first
         sl = slice(i, i + args.batch_size)
         g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + first_chunk + i // args.batch_size)
         with args.ctx:
-            tokens.append(model.generate(labels[sl], known=None if known is None else (known[0][sl], known[1][sl]),
-                                         generator=g, **{**sampling_kwargs(args), **kw}))
+            tokens.append(generate(model, labels[sl], known=None if known is None else (known[0][sl], known[1][sl]),
+                                   generator=g, **sampling_kwargs(args, **kw)))
     tokens = torch.cat(tokens)
     return tokens, decode_images(vq, tokens, kw.get("grid") or model.config.grid)
 
@@ -102,12 +106,10 @@ def grid(model, vq, args):
         if args.rank != 0 or not args.out:
             return
         images = torch.from_numpy(np.array(common.npz_array(args.out_npz, "arr_0"))).permute(0, 3, 1, 2)
-    else:  # a figure only: small enough to gather in memory
-        chunks = range(args.rank, -(-len(labels) // args.batch_size), args.world)
-        images = gather_in_chunk_order([make_chunk(model, vq, labels, c, args, f"chunk {c + 1}") for c in chunks],
-                                       chunks, args)
-        if args.rank != 0:
-            return
+    elif args.rank == 0:  # a figure only: rank 0 makes it alone (the same images as any split into chunks)
+        images = generate_batched(model, vq, labels.to(args.device), args)[1]
+    else:
+        return
     save_figure(common.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
 
 
@@ -200,19 +202,6 @@ def assemble(parts, n_chunks, labels, out):
                                                        "arr_1": (np.int64, labels.shape, [labels.numpy()])}), out)
 
 
-def gather_in_chunk_order(parts, chunks, args):
-    """Rank 0 gets every chunk's images, ordered by chunk index (the same for any number of ranks);
-    the other ranks send theirs and keep nothing (None)."""
-    if args.world == 1:
-        return torch.cat(parts)
-    everyone = [None] * args.world if args.rank == 0 else None
-    dist.gather_object((list(chunks), [p.numpy() for p in parts]), everyone, dst=0)
-    if args.rank != 0:
-        return None
-    by_chunk = {c: torch.from_numpy(p) for cs, ps in everyone for c, p in zip(cs, ps)}
-    return torch.cat([by_chunk[c] for c in sorted(by_chunk)])
-
-
 def default_out(args, ext="png"):
     folder = os.path.dirname(args.ckpt)
     return os.path.join(folder, f"{args.command}.{ext}" if args.command != "grid" else f"sample.{ext}")
@@ -240,11 +229,11 @@ def animate(model, vq, args):
     for name, kind, steps in [("raster", "raster", N), ("random", "random", N),
                               ("parallel", "random", round(N * 88 / 256)), ("parallel", "random", N // 4)]:
         g = torch.Generator(args.device).manual_seed(args.seed)
-        order = model.make_order(kind, 1, N, g)  # drawn here, so every frame knows which positions are filled
+        order = make_order(kind, 1, N, args.device, g)  # drawn here, so every frame knows which positions are filled
         counts = []
         with args.ctx:
-            tokens = model.generate(label, generator=g, callback=lambda s, logits, new: counts.append(new.size(1)),
-                                    **sampling_kwargs(args, order=order, steps=steps))
+            tokens = generate(model, label, generator=g, callback=lambda s, logits, new: counts.append(new.size(1)),
+                              **sampling_kwargs(args, order=order, steps=steps))
         movie, filled = [], torch.zeros(N, dtype=torch.bool, device=args.device)
         for done in itertools.accumulate(counts):
             filled[order[0, :done]] = True
@@ -363,114 +352,20 @@ def extrapolate(model, vq, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Speed benchmark
-
-@torch.no_grad()
-def uncached_generate(model, labels):
-    """One token per step, recomputing the whole sequence every step (the slow baseline)."""
-    B, N = labels.size(0), model.config.block_size
-    order = model.make_order("random", B, N)
-    generated = torch.zeros(B, N, dtype=torch.long, device=labels.device)
-    model.setup_caches(B, 2 * N + 8, model.output.weight.dtype, labels.device)
-    for k in range(N):
-        generated[:, k] = model.prefill(model.rope, labels, order, generated[:, :k], 1)[:, 0].argmax(-1)
-    return generated
-
-
-def measured_rate(fn, work, sync):
-    """work / the median time of fn (after a warm-up)."""
-    fn()
-    runs = []
-    for _ in range(5):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        runs.append(time.perf_counter() - t)
-    return work / statistics.median(runs)
-
-
-def step_work(model, N, rows, steps):
-    """(FLOPs, bytes read) of one decode step: the weights, and the cache prefix (N + 1 slots on average)."""
-    cfg = model.config
-    fed_per_step = 2 * N / steps  # every token is fed about twice (PI + image)
-    weights = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
-    flops = 2 * rows * fed_per_step * (weights + cfg.n_layer * 2 * (N + 1) * cfg.dim)
-    return flops, 4 * weights + rows * cfg.n_layer * 2 * (N + 1) * cfg.dim * 4
-
-
-def read_rate(nbytes, device, sync):
-    """Bytes/s at which a buffer of nbytes is read (cache-resident if that small; levels off by 256 MB)."""
-    buffer = torch.zeros(min(nbytes, 1 << 28) // 4, device=device)
-    return measured_rate(buffer.sum, 4 * buffer.numel(), sync)
-
-
-def bench_kinds(model, N, compile):
-    """(row name, steps, compiled) per decoding measured at N tokens: one token per step, the paper's
-    88-of-256 ratio and N/4 steps, eager and compiled; the uncached baseline (steps None) at small N."""
-    kinds = [("uncached, 1 token/step", None, False)] if N == model.config.block_size and N <= 64 else []
-    for compiled in [False] + [True] * compile:
-        for steps in (N, round(N * 88 / 256), N // 4):
-            name = "1 token/step" if steps == N else f"{steps} steps"
-            kinds.append((f"{'compiled' if compiled else 'eager'}, {name}", steps, compiled))
-    return kinds
-
-
-def time_kinds(model, labels, grid, kinds, args, sync):
-    """Median seconds per kind: a warm-up (and compilation) each, then interleaved rounds, so that a noisy
-    moment slows every row alike."""
-    def run(steps, compiled):
-        if steps is None:
-            return uncached_generate(model, labels)
-        return model.generate(labels, steps=steps, grid=grid, cfg_scale=args.cfg, compile=compiled)
-    runs = {name: [] for name, *_ in kinds}
-    with args.ctx:
-        for name, *how in kinds:
-            run(*how)
-        for _ in range(args.repeats):
-            for name, *how in kinds:
-                sync()
-                t = time.perf_counter()
-                run(*how)
-                sync()
-                runs[name].append(time.perf_counter() - t)
-    return {name: statistics.median(times) for name, times in runs.items()}
-
+# The benchmark (generate.benchmark): random weights of a preset, or a checkpoint's.
 
 def bench(model, args):
-    """One table per size: ms per image and per step for each decoding, against a roofline floor. A size
-    other than the model's own decodes on an extrapolation grid: the same work per step."""
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    n = 2048 if args.device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=args.device)
-    flops_s = measured_rate(lambda: a @ a, 2 * n ** 3, sync)
-    groups = 2 if args.cfg[-1] > 1 else 1
-    for N in args.sizes:
-        kinds, rows = bench_kinds(model, N, args.compile), []
-        if args.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = {batch: time_kinds(model, torch.arange(batch, device=args.device) % model.config.num_classes,
-                                   math.isqrt(N), kinds, args, sync) for batch in (1, args.bench_batch)}
-        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.type == "cuda" else ""
-        bytes_s = {batch: read_rate(step_work(model, N, groups * batch, N)[1], args.device, sync)
-                   for batch in times}  # after the peak: the buffer allocates
-        for batch, (name, steps, _) in itertools.product(times, kinds):
-            n_steps = N if steps is None else len(decoding_schedule(N, steps))
-            flops, byte_count = step_work(model, N, groups * batch, n_steps)
-            floor = 1000 * max(flops / flops_s, byte_count / bytes_s[batch])  # the roofline: ms per step
-            rows.append((batch, name, times[batch][name], n_steps, floor,
-                         times[batch]["eager, 1 token/step"] / times[batch][name]))
-        print(f"\nN={N} tokens ({math.isqrt(N)}x{math.isqrt(N)}), {model.config.dim}-wide, {model.config.n_layer} "
-              f"layers, device {args.device}{peak}, CFG {args.cfg}, median of {args.repeats}; machine: "
-              f"{flops_s / 1e9:.0f} GFLOP/s matmul")
-        print("| batch | decoding | ms / image | images / s | ms / step | floor ms / step | speed-up vs eager 1 token/step |")
-        print("|---|---|---|---|---|---|---|")
-        for batch, name, t, steps, floor, speedup in rows:
-            print(f"| {batch} | {name} | {1000 * t / batch:.2f} | {batch / t:.1f} | {1000 * t / steps:.3f} | "
-                  f"{floor:.3f} | {speedup:.2f}x |")
+    print(f"{model.config.dim}-wide, {model.config.n_layer} layers, device {args.device}, CFG {args.cfg}, "
+          f"median of {args.repeats} interleaved rounds")
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    print("\n".join(benchmark(model, args.sizes, (1, args.bench_batch), args.cfg, args.compile, args.repeats, args.ctx)))
+    if args.device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 # ----------------------------------------------------------------------------------------------
+# The command line
 
 def setup(args):
     """Device, autocast, and torchrun's rank / world size (grid is the only command that splits work)."""
@@ -493,111 +388,86 @@ def main(args):
     setup(args)
     torch.manual_seed(args.seed)
     try:
-        if args.command == "bench" and args.preset and args.ckpt is None:  # the paper sizes, random weights
-            return bench(RandAR(PRESETS[args.preset]).to(args.device).eval(), args)
+        if args.command == "bench":  # no tokenizer needed; without --ckpt, random weights of --preset
+            model = RandAR(PRESETS[args.preset]) if args.ckpt is None else load_model(args.ckpt, args.config, args.preset)[0]
+            return bench(model.to(args.device).eval(), args)
         args.ckpt = args.ckpt or "runs/demo/last.pt"
-        if args.command == "bench":  # no tokenizer needed
-            model, vq = common.load_model(args.ckpt, args.config, args.preset)[0].to(args.device).eval(), None
-        else:
-            model, vq = load_run(args)
-        N = model.config.block_size
-        if getattr(args, "steps", None) is not None and args.steps > N:
-            raise ValueError(f"--steps must be between 1 and {N} (the number of tokens), got {args.steps}")
+        model, vq = load_run(args)
+        if getattr(args, "steps", None) is not None and args.steps > model.config.block_size:
+            raise ValueError(f"--steps must be between 1 and {model.config.block_size} (the number of tokens), "
+                             f"got {args.steps}")
         {"grid": grid, "compare": compare, "animate": animate, "inpaint": edit, "outpaint": edit,
-         "extrapolate": extrapolate, "bench": bench}[args.command](*((model, args) if vq is None else (model, vq, args)))
+         "extrapolate": extrapolate}[args.command](model, vq, args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-# ---- command line: every flag belongs to the commands that use it -------------------------------
-
-def number_pair(text):
-    try:
-        start, end = (float(v) for v in text.split(","))
-    except ValueError:
-        start = end = math.nan
-    if not (math.isfinite(start) and math.isfinite(end)):
-        raise argparse.ArgumentTypeError(f"must be START,END (two numbers), got {text!r}")
-    return start, end
-
-
-def class_list(text):
-    try:
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma list of class indices, got {text!r}") from None
+def comma_list(kind, what, check=lambda values: True):
+    """An argparse type: a comma list of `kind` values that pass `check`, else one line naming `what`."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or not check(values):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return values
+    return parse
 
 
-def square_list(text):
-    try:
-        sizes = [int(n) for n in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(n < 1 or math.isqrt(n) ** 2 != n for n in sizes):
-        raise argparse.ArgumentTypeError(f"must be a comma list of square token counts (64,256), got {text!r}")
-    return sizes
-
-
+number_pair = comma_list(float, "START,END (two numbers)", lambda v: len(v) == 2 and all(map(math.isfinite, v)))
+class_list = comma_list(int, "a comma list of class indices")
+square_list = comma_list(int, "a comma list of square token counts (64,256)", lambda v: all(n > 0 and math.isqrt(n) ** 2 == n for n in v))
+side_list = comma_list(str, "a comma list of left,right,top,bottom", lambda v: set(v) <= {"left", "right", "top", "bottom"})
 COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", "bench")
 
 
 def get_parser():
+    """One subcommand per figure or job; each takes the flags of the groups it belongs to."""
     p = common.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        s = sub.add_parser(name)
-        s.add_argument("--ckpt", default=None, help="train.py checkpoint or official .safetensors (default runs/demo/last.pt)")
-        s.add_argument("--config", default=None, help="official YAML config of a .safetensors checkpoint")
-        s.add_argument("--preset", default=None, choices=PRESETS, help="config of a .safetensors checkpoint "
-                       "(bench without --ckpt: random weights of this size)")
-        s.add_argument("--device", default="auto")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
-        s.add_argument("--cfg", type=number_pair, default=common.DEFAULT_CFG, help="START,END of the linear CFG schedule")
-        if name == "bench":
-            s.add_argument("--bench-batch", type=common.positive_int, default=32)
-            s.add_argument("--repeats", type=common.positive_int, default=3)
-            s.add_argument("--sizes", type=square_list, default=[64, 256],
-                           help="image tokens N per size measured, squares (a size not the model's own decodes on "
-                                "an extrapolation grid: the same cost)")
-            continue
-        s.add_argument("--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
-        s.add_argument("--out", default=None, help="figure to write (default: beside the checkpoint)")
-        s.add_argument("--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
-        s.add_argument("--temperature", type=common.non_negative_number, default=1.0)
-        s.add_argument("--top-k", type=common.non_negative_int, default=0)
-        s.add_argument("--top-p", type=common.number_in(0, 1, open_low=True), default=1.0)
-        s.add_argument("--batch-size", type=common.positive_int, default=100, help="images per generate() call")
-        if name in ("grid", "inpaint", "outpaint", "extrapolate"):
-            s.add_argument("--order", default="random", choices=["random", "raster"])
-            s.add_argument("--steps", type=common.positive_int, default=None, help="decoding steps; fewer than N = parallel")
-        if name in ("grid", "extrapolate"):  # (not --num: torchrun would take it for its --numa-binding)
-            s.add_argument("--per-class", type=common.positive_int, default=8, help="images per class")
-        if name in ("inpaint", "outpaint"):
-            s.add_argument("--results", type=common.positive_int, default=6, help="edited images to generate")
-        if name in ("grid", "compare", "extrapolate"):
-            s.add_argument("--classes", type=class_list, default=None, help="comma list (default: all)")
-        if name == "grid":
-            s.add_argument("--out-npz", default=None, help="write images (uint8 NHWC, arr_0) and labels (arr_1)")
-        if name == "animate":
-            s.add_argument("--class", dest="class_", type=int, default=0, help="class to decode")
-        if name in ("inpaint", "outpaint"):
-            s.add_argument("image", help="input image at the model's resolution")
-            s.add_argument("--edit-class", type=int, required=True, help="class the new region is generated as")
-        if name == "inpaint":
-            s.add_argument("--mask", required=True, help="mask image (white = regenerate) or box x0,y0,x1,y1")
-        if name == "outpaint":
-            s.add_argument("--sides", default="right", type=lambda t: t.split(","),
-                           help="comma list of left,right,top,bottom")
-            s.add_argument("--extend", type=common.positive_int, default=8, help="pixels to generate on each new side")
-        if name == "extrapolate":
-            s.add_argument("--factor", type=common.positive_int, default=2, help="generate at this many times the training grid")
-            s.add_argument("--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
-            s.add_argument("--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
-            s.add_argument("--ntk-boundary", type=common.non_negative_int, default=None,
-                           help="highest RoPE frequencies that keep raw coordinates (default: the reference's 2 "
-                                "for its RoPE, base 10000 with head dim >= 64, as the released models; else 0)")
+    flags = {name: sub.add_parser(name) for name in COMMANDS}
+    def add(names, *flag, **kw):
+        for name in names.split():
+            flags[name].add_argument(*flag, **kw)
+    every, images = " ".join(COMMANDS), "grid compare animate inpaint outpaint extrapolate"
+    add(every, "--ckpt", default=None, help="train.py checkpoint or official .safetensors (default runs/demo/last.pt)")
+    add(every, "--config", default=None, help="official YAML config of a .safetensors checkpoint")
+    add(every, "--preset", default=None, choices=PRESETS, help="config of a .safetensors (bench: random weights)")
+    add(every, "--device", default="auto")
+    add(every, "--seed", type=int, default=0)
+    add(every, "--compile", action="store_true", help="torch.compile the decode step (bench: add compiled rows)")
+    add(every, "--cfg", type=number_pair, default=common.DEFAULT_CFG, help="START,END of the linear CFG schedule")
+    add("bench", "--bench-batch", type=common.positive_int, default=32, help="the batch measured beside batch 1")
+    add("bench", "--repeats", type=common.positive_int, default=3)
+    add("bench", "--sizes", type=square_list, default=[64, 256], help="tokens N per size, squares (another size "
+        "than the model's decodes on an extrapolation grid: the same cost)")
+    add(images, "--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
+    add(images, "--out", default=None, help="figure to write (default: beside the checkpoint)")
+    add(images, "--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
+    add(images, "--temperature", type=common.non_negative_number, default=1.0)
+    add(images, "--top-k", type=common.non_negative_int, default=0)
+    add(images, "--top-p", type=common.number_in(0, 1, open_low=True), default=1.0)
+    add(images, "--batch-size", type=common.positive_int, default=100, help="images per generate() call")
+    add("grid inpaint outpaint extrapolate", "--order", default="random", choices=["random", "raster"])
+    add("grid inpaint outpaint extrapolate", "--steps", type=common.positive_int, default=None,
+        help="decoding steps; fewer than N = parallel (default: N, or a release YAML's num_inference_steps)")
+    add("grid extrapolate", "--per-class", type=common.positive_int, default=8, help="images per class")
+    add("grid compare extrapolate", "--classes", type=class_list, default=None, help="comma list (default: all)")
+    add("grid", "--out-npz", default=None, help="write images (uint8 NHWC, arr_0) and labels (arr_1)")
+    add("animate", "--class", dest="class_", type=int, default=0, help="class to decode")
+    add("inpaint outpaint", "image", help="input image at the model's resolution")
+    add("inpaint outpaint", "--edit-class", type=int, required=True, help="class the new region is generated as")
+    add("inpaint outpaint", "--results", type=common.positive_int, default=6, help="edited images to generate")
+    add("inpaint", "--mask", required=True, help="mask image (white = regenerate) or box x0,y0,x1,y1")
+    add("outpaint", "--sides", default=["right"], type=side_list, help="comma list of left,right,top,bottom")
+    add("outpaint", "--extend", type=common.positive_int, default=8, help="pixels to generate on each new side")
+    add("extrapolate", "--factor", type=common.int_at_least(2), default=2, help="times the training grid")
+    add("extrapolate", "--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
+    add("extrapolate", "--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
+    add("extrapolate", "--ntk-boundary", type=common.non_negative_int, default=None, help="highest RoPE "
+        "frequencies that keep raw coordinates (default: 2 for base 10000 and head dim >= 64, as the releases; else 0)")
     return p
 
 
@@ -607,12 +477,8 @@ def parse(argv=None):
         argv = ["grid"] + argv  # `python sample.py [flags]` is the grid command
     p = get_parser()
     args = p.parse_args(argv)
-    if getattr(args, "sides", None) and any(s not in ("left", "right", "top", "bottom") for s in args.sides):
-        p.error(f"--sides must be a comma list of left,right,top,bottom, got {','.join(args.sides)!r}")
     if getattr(args, "temperature", 1) == 0 and args.top_k != 1:
         p.error("--temperature 0 needs --top-k 1 (greedy decoding); sampling needs a temperature > 0")
-    if args.command == "extrapolate" and args.factor < 2:
-        p.error(f"--factor must be an integer >= 2, got {args.factor}")
     return args
 
 

@@ -6,7 +6,7 @@ dict under "model") load strictly into the `llamagen-vq16` preset.
 
     python tokenizer.py train                      # Fashion-MNIST, 32x32, 8x8 tokens, CPU minutes
     python tokenizer.py eval --ckpt runs/demo/tokenizer.pt            # PSNR + codebook usage on test
-    python tokenizer.py train --data path/to/imagefolder --image-size 64 ...       # your own images
+    python tokenizer.py train --data path/to/imagefolder --image-size 64          # your own images
 
 `python train.py` runs the same training (train_tokenizer) as its first stage, then encodes the dataset
 to tokens (train.encode_split) before RandAR trains on them.
@@ -51,19 +51,13 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Ours, or the reference's names (encoder_ch_mult / decoder_ch_mult / dropout_p)."""
-        d = dict(d)
-        if "encoder_ch_mult" in d:
-            if list(d["encoder_ch_mult"]) != list(d.get("decoder_ch_mult", d["encoder_ch_mult"])):
-                raise ValueError("encoder_ch_mult and decoder_ch_mult must be equal")
-            d["ch_mult"] = d.pop("encoder_ch_mult")
-            d.pop("decoder_ch_mult", None)
-            d["dropout"] = d.pop("dropout_p", 0.0)
-            if d.pop("out_channels", d["in_channels"]) != d["in_channels"]:
-                raise ValueError("out_channels must equal in_channels")
+        """Ours, or the reference's names (encoder_ch_mult / decoder_ch_mult / dropout_p / out_channels)."""
+        d = {{"encoder_ch_mult": "ch_mult", "dropout_p": "dropout"}.get(k, k): v for k, v in d.items()}
+        if list(d.get("decoder_ch_mult", d["ch_mult"])) != list(d["ch_mult"]) or \
+                d.get("out_channels", d["in_channels"]) != d["in_channels"]:
+            raise ValueError("the tokenizer config's decoder must mirror its encoder (ch_mult, channels)")
         names = {f.name for f in fields(cls)}
-        d["ch_mult"] = tuple(d["ch_mult"])
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: tuple(v) if k == "ch_mult" else v for k, v in d.items() if k in names})
 
 
 PRESETS = {
@@ -241,9 +235,8 @@ class VectorQuantizer(nn.Module):
 
 def entropy_loss(affinity, temperature=0.01):
     """Per-sample entropy minus the entropy of the mean assignment (LlamaGen's optional loss)."""
-    logits = affinity / temperature
-    probs = logits.softmax(-1)
-    sample_entropy = -(probs * (logits + 1e-5).log_softmax(-1)).sum(-1).mean()
+    probs = (affinity / temperature).softmax(-1)
+    sample_entropy = -(probs * (affinity / temperature + 1e-5).log_softmax(-1)).sum(-1).mean()
     mean_probs = probs.mean(0)
     return sample_entropy + (mean_probs * (mean_probs + 1e-5).log()).sum()
 
@@ -437,9 +430,7 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     if data != "fashion-mnist" and cfg.in_channels != 3:
         cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
     check_fits(cfg, dataset)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
-    model = VQModel(cfg).to(device)
+    ckpt_path, model = os.path.join(out_dir, "tokenizer.pt"), VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
@@ -452,16 +443,14 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
         for images, _ in loader:
             x = to_pixels(images, device)
             if flip:
-                mirror = (torch.rand(x.size(0)) < 0.5).to(device)
-                x[mirror] = x[mirror].flip(-1)
+                x = torch.where((torch.rand(x.size(0), 1, 1, 1) < 0.5).to(device), x.flip(-1), x)
             for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
                 group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
             model.train()
             recon, losses, idx = model(x)
             rec_loss = F.mse_loss(recon, x)
-            loss = rec_loss + sum(losses.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (rec_loss + sum(losses.values())).backward()
             opt.step()
             code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             step += 1
@@ -476,8 +465,8 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
             if step == steps:
                 break
     bar.close()
-    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data,
-                        "image_size": image_size}, ckpt_path)
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data, "image_size": image_size},
+                ckpt_path)
     print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
           f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
     return ckpt_path

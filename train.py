@@ -2,7 +2,7 @@ r"""Train RandAR on pre-extracted VQ tokens: one command from nothing to samples
 
     python train.py                                   # Fashion-MNIST demo on a laptop CPU
     torchrun --nproc_per_node=8 train.py --preset L --data /path/to/imagenet --image-size 256 \
-        --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 400000
+        --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 360000
 
 With no tokenizer checkpoint in --out-dir, the small tokenizer is trained first; the dataset is
 encoded to tokens once (cached in --out-dir); then RandAR trains in random order (docs/algorithm.md §3),
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import common
 import tokenizer as tok
+from generate import generate
 from randar import PRESETS, RandAR, RandARConfig
 
 
@@ -33,8 +34,7 @@ from randar import PRESETS, RandAR, RandARConfig
 # Setup: distributed or not, one code path.
 
 def setup_distributed(timeout_s=1800):
-    """(rank, world, device): torchrun's process group (common.init_process_group) and the rank's GPU, or
-    one process on the GPU or the CPU."""
+    """(rank, world, device): torchrun's process group and the rank's GPU, or one process on the GPU or CPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = common.init_process_group(timeout_s)
@@ -188,8 +188,8 @@ def sample_grid(model, vq, path, args, device, ctx):
     tokens = []
     for i in range(0, len(labels), args.batch_size):
         with ctx:
-            tokens.append(model.generate(labels[i:i + args.batch_size], order=args.order,
-                                         cfg_scale=(common.DEFAULT_CFG[0], args.cfg), generator=g))
+            tokens.append(generate(model, labels[i:i + args.batch_size], order=args.order,
+                                   cfg_scale=(common.DEFAULT_CFG[0], args.cfg), generator=g))
     model.free_caches()
     grid = model.config.grid
     images = tok.to_uint8(vq.decode(torch.cat(tokens).view(-1, grid, grid)).float()).cpu()
@@ -235,16 +235,13 @@ def run_training(args, rank, world, device):
               f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
               f"rank seed {seed}; writing to {args.out_dir}/")
     vq_path, data = prepare_tokens(args, rank, world, device)
-    cfg = model_config(args, data["train"])
     torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
-    run = Run(cfg, args, device, rank, world, vq_path)
+    run = Run(model_config(args, data["train"]), args, device, rank, world, vq_path)
     if resume:
         run.restore(ckpt, resume)
     vq = tok.load_tokenizer(vq_path, device) if is_main else None
-    if resume and len(ckpt["rng"]) == world:  # same world size: every rank continues its own random stream
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])  # (restored after every init that draws random numbers)
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    if resume:  # after every init that draws random numbers
+        run.restore_random_state(ckpt)
     tokens, labels = data["train"]["tokens"], data["train"]["labels"]
     sampler = torch.utils.data.DistributedSampler(range(len(tokens)), num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
@@ -298,8 +295,6 @@ def model_config(args, token_file):
         cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
     if args.class_dropout is not None:
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
-    if args.rope_base is not None:
-        cfg = replace(cfg, rope_base=args.rope_base)
     return cfg
 
 
@@ -341,6 +336,12 @@ class Run:
             ckpt["data_position"]["batch"]
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}")
+
+    def restore_random_state(self, ckpt):
+        if len(ckpt["rng"]) == self.world:  # same world size: every rank continues its own random stream
+            torch.set_rng_state(ckpt["rng"][self.rank]["cpu"])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][self.rank]["cuda"])
 
     def train_step(self, micro_batches, ctx, window_loss):
         """One optimizer step over the (tokens, labels) micro-batches; their mean loss is added to window_loss
@@ -474,7 +475,6 @@ def get_parser():
                    help="EMA decay of the sampling weights (0: off); capped by a (1+t)/(10+t) ramp early on")
     p.add_argument("--dropout", type=common.probability, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
-    p.add_argument("--rope-base", type=common.positive_number, default=None, help="override the preset's RoPE base")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (on CPU: needs a C compiler)")
     p.add_argument("--workers", type=common.non_negative_int, default=None,
                    help="DataLoader processes for the tokenizer stages (default: 0 for fashion-mnist, else min(8, cores))")
