@@ -16,12 +16,15 @@ import pickle
 import re
 import socket
 import sys
+import urllib.error
+import urllib.request
 import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,21 +114,24 @@ def yaml_scalar(text):
 # ----------------------------------------------------------------------------------------------
 # Writing outputs: images and files.
 
-def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1):
-    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows;
-    scale > 1 enlarges every image (nearest) so small images stay readable."""
+def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1, col_labels=()):
+    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows and above the
+    columns; scale > 1 enlarges every image (nearest) so small images stay readable."""
     if scale > 1:
         images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     B, C, H, W = images_uint8.shape
-    rows = math.ceil(B / nrow)
-    canvas = Image.new("L" if C == 1 else "RGB", (label_width + nrow * (W + pad), rows * (H + pad)), 255)
+    top = 12 if col_labels else 0  # a line of text
+    size = (label_width + nrow * (W + pad), top + math.ceil(B / nrow) * (H + pad))
+    canvas = Image.new("L" if C == 1 else "RGB", size, 255)
     for i, im in enumerate(images_uint8):
         arr = im.permute(1, 2, 0).cpu().numpy()
         canvas.paste(Image.fromarray(arr[..., 0] if C == 1 else arr),
-                     (label_width + (i % nrow) * (W + pad), (i // nrow) * (H + pad)))
+                     (label_width + (i % nrow) * (W + pad), top + (i // nrow) * (H + pad)))
     draw = ImageDraw.Draw(canvas)
     for r, text in enumerate(row_labels):
-        draw.text((2, r * (H + pad) + H // 2 - 5), text, fill=0)
+        draw.text((2, top + r * (H + pad) + H // 2 - 5), text, fill=0)
+    for c, text in enumerate(col_labels):
+        draw.text((label_width + c * (W + pad) + 2, 0), text, fill=0)
     return canvas
 
 
@@ -218,6 +224,29 @@ def file_fingerprint(path, block=1 << 20):
         f.seek(max(size - block, 0))
         digest.update(f.read(block))
     return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def download(url, dest, md5):
+    """url -> dest with a progress bar, md5-checked; a failure leaves nothing behind and is one error."""
+    tmp = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                       desc=os.path.basename(dest))
+            digest = hashlib.md5()
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, dest)
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot download {os.path.basename(dest)} from {url} ({e.reason})") from None
+    finally:  # nothing half-written survives
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------

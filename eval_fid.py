@@ -1,19 +1,21 @@
-"""FID, Inception Score, precision and recall in PyTorch, with the FID Inception-v3 of the standard tools.
+"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools; the demo's own
+Fashion-MNIST scorer; a linear probe of RandAR's bi-directional features.
 
-    python eval_fid.py SAMPLES REF [--json metrics.json]    # each: .npz (arr_0, NHWC uint8), folder, or stats
-    python eval_fid.py REF --save-stats ref_stats.npz        # compute a reference set's statistics once
+    python eval_fid.py SAMPLES REF --json metrics.json         # each: .npz (arr_0, NHWC uint8) or stats
+    python eval_fid.py REF --save-stats ref_stats.npz          # a reference set's statistics, once
+    python eval_fid.py SAMPLES.npz fashion-mnist --json out.json   # the demo's scorer, offline (arr_1: labels)
+    python eval_fid.py --probe runs/demo/last.pt               # linear probe of bi-directional vs causal features
 
 The network is Inception-v3 as TensorFlow's FID code uses it (the layout and weights file of
 `pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): images resized to 299x299 bilinearly, scaled
 to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits for the Inception
 Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
-import hashlib
+import functools
 import itertools
 import json
 import math
 import os
-import re
 import sys
 import warnings
 
@@ -22,7 +24,6 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -110,7 +111,8 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([chain(self, "branch3x3_", x), chain(self, "branch7x7x3_", x), F.max_pool2d(x, 3, stride=2)], 1)
+        pool = F.max_pool2d(x, 3, stride=2)
+        return torch.cat([chain(self, "branch3x3_", x), chain(self, "branch7x7x3_", x), pool], 1)
 
 
 class InceptionE(nn.Module):
@@ -162,7 +164,7 @@ class FIDInception(nn.Module):
 
 
 def load_inception(path=None, device="cpu"):
-    """Weights from path, else downloaded once into the torch hub cache; hash-checked by file name."""
+    """Weights from path, else downloaded once into the torch hub cache (hash-checked), strictly loaded."""
     if path is None:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
         if not os.path.exists(path):
@@ -176,12 +178,6 @@ def load_inception(path=None, device="cpu"):
                               f"fetch the file elsewhere and pass --inception PATH") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found: {path}")
-    named_hash = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
-    if named_hash:  # the torch hub convention: the name carries a prefix of the file's sha256
-        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-        if not digest.startswith(named_hash.group(1)):
-            raise ValueError(f"Inception weights {path} fail their hash check: sha256 {digest[:8]}..., "
-                             f"expected {named_hash.group(1)}")
     model = FIDInception()
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -194,33 +190,17 @@ def load_inception(path=None, device="cpu"):
 # Inputs
 
 def load_images(path):
-    """.npz (arr_0: uint8 NHWC) or a folder of PNG/JPEG -> list or array of HWC uint8 images (C = 1 or 3)."""
-    if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        readable = tuple(Image.registered_extensions())  # every format Pillow reads (.png, .jpg, .webp, .tif, ...)
-        files = [f for f in names if f.lower().endswith(readable)]
-        if len(files) < len(names):
-            print(f"{path}: skipped {len(names) - len(files)} entries that are not images (e.g. "
-                  f"{next(f for f in names if f not in files)!r})")
-        images = []
-        for f in files:
-            try:
-                with Image.open(os.path.join(path, f)) as im:
-                    images.append(np.asarray(im.convert("RGB")))  # greyscale, palette, RGBA, 16-bit, CMYK: RGB
-            except Exception as e:
-                raise ValueError(f"cannot read image {os.path.join(path, f)}: {e}") from None
-    elif not os.path.isfile(path):
+    """An .npz's arr_0 (uint8 NHWC, C = 1 or 3: what sample.py writes and the ADM evaluator reads), memory-mapped:
+    Inception reads it a batch at a time."""
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
-    else:
-        names = common.npz_names(path)
-        if "arr_0" not in names:
-            raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(names)})")
-        images = common.npz_array(path, "arr_0")  # memory-mapped: Inception reads it a batch at a time
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
-                             f"{images.shape}")
-    if len(images) < 2:
-        raise ValueError(f"{path}: need at least 2 images, found {len(images)}")
+    names = common.npz_names(path)
+    if "arr_0" not in names:
+        raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(names)})")
+    images = common.npz_array(path, "arr_0")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8 or len(images) < 2:
+        raise ValueError(f"{path}: arr_0 must be at least 2 uint8 NHWC images with 1 or 3 channels, got "
+                         f"{images.dtype} {images.shape}")
     return images
 
 
@@ -229,11 +209,7 @@ def inception_outputs(model, images, batch_size=50, device="cpu"):
     """Pool features (N, 2048) float64 and logits (N, 1008), batched, with a progress bar."""
     feats, logits = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="inception"):
-        batch = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images[i:i + batch_size]]  # a writable copy
-        # images of different sizes are resized one by one; each ends at 299x299 anyway
-        x = torch.cat([F.interpolate(b[None].float(), size=(299, 299), mode="bilinear", align_corners=False)
-                       for b in batch]) if len({b.shape for b in batch}) > 1 else torch.stack(batch)
-        x = x.to(device)
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)  # a writable copy
         if x.size(1) == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
         f, l = model(x)
@@ -313,7 +289,7 @@ def statistics(path, model, args):
         if "mu" in names and "arr_0" in names:  # an ADM reference batch: its mu/sigma come from TF's Inception
             print(f"{path}: its mu/sigma were computed by another Inception; using arr_0 with ours instead")
         elif "mu" in names and "sigma" in names:
-            data = read_npz(path)
+            data = {k: np.asarray(common.npz_array(path, k)) for k in names}
             if str(data.get("extractor", "")) != STATS_EXTRACTOR:
                 raise ValueError(f"{path} holds mu/sigma of another feature extractor and no images to recompute "
                                  f"them from; make statistics with `eval_fid.py IMAGES --save-stats`")
@@ -323,25 +299,17 @@ def statistics(path, model, args):
     return feats.mean(0), np.cov(feats, rowvar=False), feats, logits
 
 
-def read_npz(path):
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]})") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the project trains
 # on Fashion-MNIST's training split is the feature network, its test split the reference.
 
 class FashionNet(nn.Module):
-    """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: three strided convolutions, small enough
-    to train on 2 CPU cores in about a minute (~89 % test accuracy)."""
+    """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: small enough to train on 2 CPU cores."""
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(1, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                                      nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 128), nn.ReLU())
+                                      nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(),  # 128 x 4 x 4
+                                      nn.Linear(2048, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, images):
@@ -352,12 +320,11 @@ class FashionNet(nn.Module):
 
 def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
     """Trained on the training split, seeded: the same machine gives the same network."""
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     (images, labels), test = tok.fashion_mnist("train", data_dir), tok.fashion_mnist("test", data_dir)
-    model, pick = FashionNet(), torch.randint(0, len(images), (steps, batch_size), generator=g)
+    model = FashionNet()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for step, i in enumerate(tqdm(pick, desc="Fashion-MNIST classifier")):
+    for step, i in enumerate(tqdm(torch.randint(0, len(images), (steps, batch_size)), desc="Fashion-MNIST classifier")):
         for group in opt.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = F.cross_entropy(model(images[i])[1], labels[i])
@@ -373,23 +340,12 @@ def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
 def classifier_outputs(model, images, batch_size=500):
     """uint8 images, (N, 1, H, W) or NHWC with H, W 28 or 32 -> features (N, 128) float64, logits (N, 10)."""
     images = torch.as_tensor(np.array(images))  # a copy: memory-mapped arrays are read-only
-    if images.dim() == 4 and images.shape[-1] == 1:
-        images = images.permute(0, 3, 1, 2)
+    images = images.permute(0, 3, 1, 2) if images.dim() == 4 and images.shape[-1] == 1 else images
     if images.shape[1:] not in ((1, 28, 28), (1, 32, 32)):
         raise ValueError(f"the Fashion-MNIST scorer takes grey 28x28 or 32x32 images, got shape {tuple(images.shape)}")
     images = F.pad(images, (2, 2, 2, 2)) if images.size(-1) == 28 else images
     outs = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return torch.cat([f for f, _ in outs]).double().numpy(), torch.cat([l for _, l in outs]).numpy()
-
-
-def fashion_classifier(args):
-    """The cached classifier (trained on first use) -> FashionNet in eval mode."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", "randar_fashion_classifier.pt")
-    if not os.path.isfile(path):
-        common.save_atomic({"model": train_fashion_classifier(args.data_dir).state_dict()}, path)
-    model = FashionNet()
-    model.load_state_dict(common.load_torch_file(path, "Fashion-MNIST classifier")["model"], strict=True)
-    return model.eval()
 
 
 def fashion_scores(model, images, labels, data_dir=None):
@@ -403,11 +359,16 @@ def fashion_scores(model, images, labels, data_dir=None):
             "precision": precision, "recall": recall}
 
 
-def score_fashion_npz(args):
-    path = args.inputs[0]
+def score_fashion_npz(path, data_dir):
+    """The npz's scores with the classifier cached in the torch hub folder (trained there on first use)."""
     if "arr_1" not in common.npz_names(path):
         raise ValueError(f"{path} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
-    return fashion_scores(fashion_classifier(args), load_images(path), common.npz_array(path, "arr_1"), args.data_dir)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", "randar_fashion_classifier.pt")
+    if not os.path.isfile(cached):
+        common.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
+    model = FashionNet()
+    model.load_state_dict(common.load_torch_file(cached, "Fashion-MNIST classifier")["model"], strict=True)
+    return fashion_scores(model.eval(), load_images(path), common.npz_array(path, "arr_1"), data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +404,7 @@ def probe(args):
     bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
     results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
     for kind in ("bidirectional", "causal"):
-        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind, layer=args.probe_layer)
+        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind)
                                .mean(1).double().cpu() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
                  for s, (t, _) in data.items()}
         results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
@@ -460,13 +421,8 @@ def main(args):
     if args.probe:
         return probe(args)
     if args.inputs[1:] == ["fashion-mnist"]:
-        return report(score_fashion_npz(args), args.json)
-    cache = {}
-
-    def model():  # loaded only when some input is images, once
-        if "m" not in cache:
-            cache["m"] = load_inception(args.inception, args.device)
-        return cache["m"]
+        return report(score_fashion_npz(args.inputs[0], args.data_dir), args.json)
+    model = functools.cache(lambda: load_inception(args.inception, args.device))  # only if some input is images
     if len(args.inputs) == 1:
         if not args.save_stats:
             raise ValueError("with one input, give --save-stats PATH (or give SAMPLES and REF)")
@@ -498,8 +454,8 @@ def report(results, json_path):
 
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
-    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, image folder, or stats .npz; REF "
-                   "'fashion-mnist': the demo's own scorer)")
+    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, or stats .npz; REF 'fashion-mnist': "
+                   "the demo's own scorer)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files (the scorer's data)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
     p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
@@ -509,7 +465,6 @@ def get_parser():
     p.add_argument("--probe", default=None, metavar="CKPT", help="instead: linear-probe RandAR features (token "
                    "files beside CKPT, as train.py leaves them)")
     p.add_argument("--probe-images", type=common.positive_int, default=10000, help="images per split for the probe")
-    p.add_argument("--probe-layer", type=int, default=-1, help="features after this many blocks (-1: all + norm)")
     return p
 
 

@@ -1,12 +1,10 @@
-"""Decoding RandAR, told in the order it runs: which positions, how many per step, what each step feeds,
-guidance, sampling, the loop, and compiling it. The network it drives is randar.py.
+"""Decoding RandAR, in the order it runs: which positions, how many per step, what each step feeds, guidance,
+sampling, the loop, compiling it, and its benchmark (`python sample.py bench`). randar.py is the network.
 
-    from generate import generate
     tokens = generate(model, labels, order="random", steps=22, cfg_scale=(1.0, 4.0))   # [B, N], raster layout
-    python sample.py bench --preset demo --compile      # this file's benchmark, from the command line
 
-One call does it all: raster or random order, one token per step or several (parallel decoding with a
-KV cache), known tokens first (zero-shot editing), a larger grid (resolution extrapolation).
+One call does it all: raster or random order, one token per step or several (parallel decoding with a KV
+cache), known tokens first (zero-shot editing), a larger grid (resolution extrapolation).
 """
 import contextlib
 import itertools
@@ -73,7 +71,8 @@ def rope_for_grid(model, grid, ntk_boundary=None):
         return model.rope
     head_dim = cfg.dim // cfg.n_head
     boundary = default_ntk_boundary(head_dim, cfg.rope_base) if ntk_boundary is None else ntk_boundary
-    return rope_table_2d(grid, head_dim, cfg.rope_base, scale=cfg.grid / grid, ntk_boundary=boundary).to(model.rope.device)
+    table = rope_table_2d(grid, head_dim, cfg.rope_base, scale=cfg.grid / grid, ntk_boundary=boundary)
+    return table.to(model.rope.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ class Feed(NamedTuple):
 
 
 def read_length(end, n_slots):
-    return min(n_slots, -(-end // READ_BUCKET) * READ_BUCKET)
+    return min(n_slots, -(-end // READ_BUCKET) * READ_BUCKET)  # end rounded up to READ_BUCKET
 
 
 def feed_plan(schedule, known, n_slots, device=None):
@@ -262,7 +261,8 @@ def decode(model, rope, order, generated, schedule, guidance, callback, compile,
     """Prefill, then sample and feed until every token is drawn; generated [B, N] in generation order."""
     (B, N), G = generated.shape, guidance.groups
     K, device = N - sum(schedule), rope.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.output.weight.dtype
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.output.weight.dtype
     n_slots = (2 * N + 1 + 7) // 8 * 8  # 1 + 2N slots, rounded up to 8
     model.setup_caches(G * B, n_slots, dtype, device)
     plan = feed_plan(schedule, K, n_slots, device)
@@ -307,7 +307,8 @@ def compiled_decode_step(model):
     cpu = model.rope.device.type == "cpu"
     if step is None:  # every model shares decode_step's code: past dynamo's recompile limit (8) it would run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        step = torch.compile(model.decode_step, **(dict(options={"cpp_wrapper": True}) if cpu else dict(mode="reduce-overhead")))
+        how = dict(options={"cpp_wrapper": True}) if cpu else dict(mode="reduce-overhead")
+        step = torch.compile(model.decode_step, **how)
     COMPILED[model] = (step, weights)
     if not cpu:
         return step, contextlib.nullcontext()
@@ -323,9 +324,9 @@ def compiled_decode_step(model):
 
 def benchmark(model, sizes=(64, 256), batches=(1, 32), cfg_scale=(1.0, 4.0), compile=False, repeats=3,
               context=contextlib.nullcontext()):
-    """Markdown rows: ms and images per second for eager / compiled decoding, one token per step / the paper's
-    88-of-256 ratio, at each size N (a size other than the model's decodes on an extrapolation grid, the same
-    work per step) and batch. Interleaved rounds after a warm-up one, medians: a noisy moment slows every row."""
+    """Markdown rows: ms and images / s of eager / compiled decoding, one token per step / the paper's 88-of-256
+    ratio, per size N (another than the model's decodes on an extrapolation grid) and batch. Interleaved rounds
+    after a warm-up one, medians: a noisy moment slows every row."""
     device = model.rope.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = ["| N | batch | decoding | steps | ms / image | images / s |", "|---|---|---|---|---|---|"]
@@ -343,6 +344,6 @@ def benchmark(model, sizes=(64, 256), batches=(1, 32), cfg_scale=(1.0, 4.0), com
                 times[compiled, steps].append(time.perf_counter() - start)
         for (compiled, steps), t in times.items():
             seconds = statistics.median(t[1:]) / batch  # the first round warmed up (and compiled)
-            rows.append(f"| {N} | {batch} | {'compiled' if compiled else 'eager'}, "
-                        f"{'1 token/step' if steps == N else 'parallel'} | {steps} | {1000 * seconds:.2f} | {1 / seconds:.1f} |")
+            kind = f"{'compiled' if compiled else 'eager'}, {'1 token/step' if steps == N else 'parallel'}"
+            rows.append(f"| {N} | {batch} | {kind} | {steps} | {1000 * seconds:.2f} | {1 / seconds:.1f} |")
     return rows

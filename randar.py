@@ -322,8 +322,8 @@ class RandAR(nn.Module):
 
     def with_class_token(self, labels, x, x_rope):
         """CLS(y) in front of x [B, T, D] and the class token's all-zero RoPE row in front of x_rope."""
-        B = labels.size(0)
-        return torch.cat([self.cls_embedding(labels)[:, None], x], 1), torch.cat([self.rope[:1].expand(B, 1, -1, -1), x_rope], 1)
+        cls_rope = self.rope[:1].expand(labels.size(0), 1, -1, -1)
+        return torch.cat([self.cls_embedding(labels)[:, None], x], 1), torch.cat([cls_rope, x_rope], 1)
 
     def transformer(self, x, rope, slots=None, read=None):
         """Hidden states of all fed items. slots None: plain causal attention over x (training). slots [T]:
@@ -397,11 +397,11 @@ class RandAR(nn.Module):
     # ---- bi-directional features (docs/algorithm.md §9) ------------------------------------------
 
     @torch.no_grad()
-    def features(self, tokens, labels=None, kind="bidirectional", layer=-1):
-        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout). 'bidirectional':
-        the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then PI(p) for every p again, read at
-        that second pass (it has seen every token); 'causal': one raster pass read at E(t_p). labels None:
-        the null class. layer: hidden states after that many blocks (-1: all, then the final norm)."""
+    def features(self, tokens, labels=None, kind="bidirectional"):
+        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout), after the last block
+        and the final norm. 'bidirectional': the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then
+        PI(p) for every p again, read at that second pass (it has seen every token); 'causal': one raster pass
+        read at E(t_p). labels None: the null class (the features are not told the answer)."""
         B, N = tokens.shape
         if kind not in ("bidirectional", "causal") or N != self.config.block_size:
             raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
@@ -411,11 +411,9 @@ class RandAR(nn.Module):
         order = torch.arange(N, device=tokens.device).expand(B, N)
         x, rope = self.pairs(order, tokens, self.rope)
         if kind == "bidirectional":  # second pass: PI(0) ... PI(N-1)
-            x, rope = torch.cat([x, self.position_instructions(order, self.rope)], 1), torch.cat([rope, self.rope[order + 1]], 1)
-        h, rope = self.with_class_token(labels, x, rope)
-        for block in self.layers[:None if layer == -1 else layer]:
-            h = block(h, rope)
-        h = self.norm(h) if layer == -1 else h
+            x = torch.cat([x, self.position_instructions(order, self.rope)], 1)
+            rope = torch.cat([rope, self.rope[order + 1]], 1)
+        h = self.norm(self.transformer(*self.with_class_token(labels, x, rope)))
         return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
 
 

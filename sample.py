@@ -326,7 +326,9 @@ def edit(model, vq, args):
     shown_mask = mask[None].expand_as(image).to(torch.uint8) * 255
     masked_input = torch.where(mask, torch.full_like(canvas, 128), canvas)
     panels = torch.cat([image[None], shown_mask[None], masked_input[None], results])
-    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale)
+    kept = "kept" if args.command == "inpaint" else f"kept, moved {args.extend} px"  # outpaint shifts the input
+    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=["original", "mask", kept] +
+                               [f"result {i + 1}" for i in range(n)])
     save_figure(figure, args.out or default_out(args))
     return tokens, known
 
@@ -348,7 +350,8 @@ def extrapolate(model, vq, args):
                               spatial_cfg_scale=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
-    save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale), args.out or default_out(args))
+    save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
+                                  col_labels=["base", "extrapolated"] * args.per_class), args.out or default_out(args))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,22 +2,15 @@
 
 Pixels in [-1, 1] -> encoder -> 1x1 conv to a low-dimensional latent -> nearest l2-normalised code
 -> decoder. Module names follow LlamaGen, so its published VQ-16 weights (`vq_ds16_c2i.pt`, state
-dict under "model") load strictly into the `llamagen-vq16` preset.
-
-    python tokenizer.py train                      # Fashion-MNIST, 32x32, 8x8 tokens, CPU minutes
-    python tokenizer.py eval --ckpt runs/demo/tokenizer.pt            # PSNR + codebook usage on test
-    python tokenizer.py train --data path/to/imagefolder --image-size 64          # your own images
-
-`python train.py` runs the same training (train_tokenizer) as its first stage, then encodes the dataset
-to tokens (train.encode_split) before RandAR trains on them.
+dict under "model") load strictly into the `llamagen-vq16` preset. No command of its own: `python train.py`
+trains it (train_tokenizer, reporting PSNR and codebook usage on the held-out split) as its first stage,
+then encodes the dataset to tokens (train.encode_split) before RandAR trains on them.
 """
 import gzip
-import hashlib
+import itertools
 import math
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -27,8 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (ArgumentParser, image_grid, load_torch_file, non_negative_int, positive_int, positive_number, run,
-                    save_atomic, save_png)
+from common import download, image_grid, load_torch_file, save_atomic, save_png
 
 
 @dataclass
@@ -304,31 +296,6 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def download(url, dest, md5):
-    """Download to dest with a progress bar; on a checksum mismatch remove the file and fail."""
-    tmp = dest + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                       desc=os.path.basename(dest))
-            digest = hashlib.md5()
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-            bar.close()
-        if digest.hexdigest() != md5:
-            raise ValueError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-    except urllib.error.URLError as e:
-        raise OSError(f"cannot download {os.path.basename(dest)} from {url} ({e.reason}); pass --data-dir DIR "
-                      f"holding the four Fashion-MNIST IDX .gz files, or install the Debian package "
-                      f"dataset-fashion-mnist") from None
-    finally:  # nothing half-written survives
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def read_idx(path):
     try:
         with gzip.open(path, "rb") as f:
@@ -355,7 +322,11 @@ def fashion_mnist(split, data_dir=None, url=FASHION_URL):
         os.makedirs(folder, exist_ok=True)
         for n in names:
             if not os.path.isfile(os.path.join(folder, n)):
-                download(url + n, os.path.join(folder, n), FASHION_MD5[n])
+                try:
+                    download(url + n, os.path.join(folder, n), FASHION_MD5[n])
+                except OSError as e:
+                    raise OSError(f"{e}; pass --data-dir DIR holding the four Fashion-MNIST IDX .gz files, or "
+                                  f"install the Debian package dataset-fashion-mnist") from None
     images = read_idx(os.path.join(folder, names[0]))
     labels = read_idx(os.path.join(folder, names[1]))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
@@ -438,37 +409,32 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
           f"-> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size, device=device)
-    step, t0, bar = 0, time.time(), tqdm(total=steps, desc="tokenizer")
-    while step < steps:
-        for images, _ in loader:
-            x = to_pixels(images, device)
-            if flip:
-                x = torch.where((torch.rand(x.size(0), 1, 1, 1) < 0.5).to(device), x.flip(-1), x)
-            for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
-                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            model.train()
-            recon, losses, idx = model(x)
-            rec_loss = F.mse_loss(recon, x)
-            opt.zero_grad(set_to_none=True)
-            (rec_loss + sum(losses.values())).backward()
-            opt.step()
-            code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-            step += 1
-            if step % reinit_every == 0 and step < 0.8 * steps:
-                reinit_dead_codes(model, code_hits, x)
-                code_hits.zero_()
-            bar.update(1)
-            if step % 10 == 0:  # reading the loss waits for the device: not at every step
-                bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
-            if step % image_every == 0 or step == steps:
-                save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
-            if step == steps:
-                break
+    t0, bar, batches = time.time(), tqdm(range(steps), desc="tokenizer"), (b for _ in itertools.count() for b in loader)
+    for step in bar:  # one batch per step, epoch after epoch
+        x = to_pixels(next(batches)[0], device)
+        if flip:
+            x = torch.where((torch.rand(x.size(0), 1, 1, 1) < 0.5).to(device), x.flip(-1), x)
+        for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        model.train()
+        recon, losses, idx = model(x)
+        rec_loss = F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        (rec_loss + sum(losses.values())).backward()
+        opt.step()
+        code_hits += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
+        if (step + 1) % reinit_every == 0 and step + 1 < 0.8 * steps:
+            reinit_dead_codes(model, code_hits, x)  # (and restarts the count)
+        if (step + 1) % 10 == 0:  # reading the loss waits for the device: not at every step
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{model.quantize.usage():.2f}")
+        if (step + 1) % image_every == 0 or step + 1 == steps:
+            save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
     bar.close()
-    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": step, "data": data, "image_size": image_size},
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": steps, "data": data, "image_size": image_size},
                 ckpt_path)
-    print(f"done in {time.time() - t0:.0f}s; codebook usage over the last {VectorQuantizer.USAGE_LOG} codes "
-          f"{100 * model.quantize.usage():.0f}%; wrote {ckpt_path}")
+    psnr, usage = evaluate(model, limited(open_dataset(data, "test", data_dir, image_size)[0], limit), workers=workers)
+    print(f"done in {time.time() - t0:.0f}s, wrote {ckpt_path}; held-out images: PSNR {psnr:.2f} dB, {usage:.1f}% of "
+          f"the {cfg.codebook_size} codes used")
     return ckpt_path
 
 
@@ -476,6 +442,7 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
 def reinit_dead_codes(model, code_hits, x):
     """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
     dead = (code_hits == 0).nonzero().flatten()
+    code_hits.zero_()
     if len(dead) == 0:
         return
     z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
@@ -504,7 +471,7 @@ def check_fits(cfg, dataset):
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=256, workers=0):
     """PSNR (dB, on uint8 pixels) and % of codes used on a dataset, on the model's device."""
-    device = model.device
+    device, model = model.device, model.eval()
     mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     for images, _ in tqdm(loader, desc="eval"):
@@ -526,55 +493,3 @@ def loader_workers(data, workers=None):
     if workers is not None:
         return workers
     return 0 if data == "fashion-mnist" else min(8, os.cpu_count() or 1)
-
-
-def main(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if args.command == "train":
-        return train_tokenizer(args.out_dir, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
-                               limit=args.limit, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-                               lr=args.lr, flip=args.flip, reinit_every=args.reinit_every,
-                               image_every=args.image_every, seed=args.seed, device=device,
-                               workers=loader_workers(args.data, args.workers))
-    model = load_tokenizer(args.ckpt, device)
-    dataset = limited(open_dataset(args.data, args.split, args.data_dir, args.image_size)[0], args.limit)
-    check_fits(model.config, dataset)
-    psnr, usage = evaluate(model, dataset, workers=loader_workers(args.data, args.workers))
-    print(f"{args.split}: PSNR {psnr:.2f} dB, codebook usage {usage:.1f}% of {model.config.codebook_size} codes")
-
-
-def get_parser():
-    p = ArgumentParser(description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name in ("train", "eval"):
-        s = sub.add_parser(name)
-        s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
-        s.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX .gz files are (or go)")
-        s.add_argument("--image-size", type=positive_int, default=32)
-        s.add_argument("--limit", type=non_negative_int, default=0, help="use only the first N images (0: all)")
-        s.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-        s.add_argument("--workers", type=non_negative_int, default=None,
-                       help="DataLoader processes (default: 0 for fashion-mnist, else min(8, CPU cores))")
-        if name == "train":
-            s.add_argument("--preset", default="demo", choices=PRESETS)
-            s.add_argument("--out-dir", default="runs/demo")
-            s.add_argument("--steps", type=positive_int, default=600, help="train.py's --tokenizer-steps")
-            s.add_argument("--batch-size", type=positive_int, default=64)
-            s.add_argument("--lr", type=positive_number, default=2e-3)
-            s.add_argument("--flip", action="store_true", help="random horizontal flips")
-            s.add_argument("--reinit-every", type=positive_int, default=200, help="re-init dead codes every K steps")
-            s.add_argument("--image-every", type=positive_int, default=500)
-            s.add_argument("--seed", type=int, default=0)
-        else:
-            s.add_argument("--ckpt", default="runs/demo/tokenizer.pt")
-            s.add_argument("--split", default="test", choices=["train", "test"])
-    return p
-
-
-def cli(argv=None):
-    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
-    run(main, get_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    cli()

@@ -95,9 +95,8 @@ def prepare_tokens(args, rank, world, device):
 
 @torch.no_grad()
 def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True, workers=0):
-    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,).
-    Runs on the model's device, in fp32 (lower precision could move a latent to another nearest code);
-    `workers` DataLoader processes read and decode the images meanwhile."""
+    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,), on the
+    model's device in fp32 (lower precision could move a latent to another nearest code)."""
     views = [[] for _ in range(1 + flip)]
     labels = []
     device = model.device
@@ -120,10 +119,8 @@ def encode_source(ckpt, data, split, image_size, limit, flip):
 
 def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
                  rank=0, world=1, device="cpu", workers=0):
-    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into
-    its own part file; the last rank to finish is not waited for long, and rank 0 joins the parts in
-    order (the result is the same file for any number of ranks). Call on every rank, then barrier,
-    then `join_parts` on rank 0."""
+    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into its own
+    part file, and rank 0 joins the parts in order (join_parts): the same file for any number of ranks."""
     model = tok.load_tokenizer(ckpt, device)
     dataset, num_classes = tok.open_dataset(data, split, data_dir, image_size)
     dataset = tok.limited(dataset, limit)
@@ -273,8 +270,8 @@ def run_training(args, rank, world, device):
 
 
 def find_checkpoint(args, is_main):
-    """(path, contents) of the checkpoint to resume from: --resume, else <out-dir>/last.pt, else (None, None).
-    Rank 0 also removes the temporary files a killed process left (the finished files are intact)."""
+    """(path, contents) of the checkpoint to resume from: --resume, else <out-dir>/last.pt, else (None, None); rank 0
+    removes the temporary files a killed process left."""
     last = os.path.join(args.out_dir, "last.pt")
     resume = args.resume or (last if os.path.exists(last) else None)
     ckpt = common.load_torch_file(resume, "RandAR checkpoint") if resume else None
