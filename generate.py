@@ -13,8 +13,10 @@ import statistics
 import time
 import weakref
 from typing import NamedTuple, Optional
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from randar import RandAR, as_index_tensor, check_labels, make_order, rope_table_2d
 
@@ -293,10 +295,18 @@ def decode(model, rope, order, generated, schedule, guidance, callback, compile,
 COMPILED = weakref.WeakKeyDictionary()  # model -> (its compiled decode_step, its weights' (address, version))
 
 
+def written_out_attention(q, k, v, attn_mask, is_causal=False, dropout_p=0.0, enable_gqa=False):
+    """softmax(q k^T / sqrt(hd) + mask) v for a decode step (q [B, H, T, hd], k, v [B, Hkv, S, hd], attn_mask [T, S]):
+    what scaled_dot_product_attention computes there, written so that inductor fuses it on the CPU."""
+    B, H, T, hd = q.shape
+    q = q.view(B, k.size(1), H // k.size(1), T, hd)  # query heads grouped by the key head they share
+    scores = (q @ k[:, :, None].transpose(-1, -2)) * hd ** -0.5
+    return (scores.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v[:, :, None]).view(B, H, T, hd)
+
+
 def compiled_decode_step(model):
-    """(model.decode_step through torch.compile, the context to call it in). On a GPU, CUDA graphs; on the CPU,
-    the weights frozen into the graphs as prepacked constants, the attention written by inductor (math SDPA),
-    a C++ wrapper. Steps keep their exact lengths: dynamo makes one graph with symbolic sizes after the first."""
+    """(model.decode_step through torch.compile, the context to call it in). GPU: CUDA graphs; CPU: weights frozen
+    into the graphs, prepacked; the attention written out; a C++ wrapper. Steps keep their lengths."""
     if any(p.is_inference() for p in model.parameters()):
         raise ValueError("compile=True needs weights made outside torch.inference_mode(), whose in-place "
                          "changes can be tracked (make the model under torch.no_grad() instead)")
@@ -310,15 +320,16 @@ def compiled_decode_step(model):
         how = dict(options={"cpp_wrapper": True}) if cpu else dict(mode="reduce-overhead")
         step = torch.compile(model.decode_step, **how)
     COMPILED[model] = (step, weights)
-    if not cpu:
-        return step, contextlib.nullcontext()
-    from torch._inductor import config  # freezing is read when dynamo compiles: inside the decoding loop
-    context = contextlib.ExitStack()
-    context.enter_context(config.patch(freezing=True))
-    context.enter_context(torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH))
-    return step, context
+    return step, written_out_and_frozen() if cpu else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def written_out_and_frozen():
+    """Around the compiled CPU step (read when dynamo compiles): inductor freezes the weights, and traces the
+    written-out attention in place of torch's kernel (at batch 32, 1.5x the whole step: docs/experiments.md)."""
+    from torch._inductor import config
+    with config.patch(freezing=True), mock.patch.object(F, "scaled_dot_product_attention", written_out_attention):
+        yield
 # ----------------------------------------------------------------------------------------------
 # 8. The benchmark (`python sample.py bench`): what compiling and parallel decoding buy.
 

@@ -9,7 +9,7 @@ r"""Sample from a trained RandAR: the figures, zero-shot editing, the FID protoc
     python sample.py extrapolate --factor 2            # 2x larger token grid, zero-shot
     python sample.py bench --preset demo --compile     # ms/image: eager / compiled, 1 token/step / parallel
     torchrun --nproc_per_node=8 sample.py grid --ckpt randar_0.7b_llamagen_360k_bs_1024_lr_0.0004.safetensors \
-        --config randar_gpt_0.7b_llamagen.yaml --vq-ckpt vq_ds16_c2i.pt --per-class 50 --out-npz samples.npz
+        --config randar_xl_0.7b_llamagen.yaml --vq-ckpt vq_ds16_c2i.pt --per-class 50 --out-npz samples.npz
 
 Every image comes from generate.generate: the order, the number of steps and the known tokens (editing,
 docs/algorithm.md §7) are its arguments. Sections: loading, the FID protocol's sampler, figures, editing,
@@ -391,10 +391,10 @@ def main(args):
     setup(args)
     torch.manual_seed(args.seed)
     try:
-        if args.command == "bench":  # no tokenizer needed; without --ckpt, random weights of --preset
+        args.ckpt = args.ckpt or (None if args.command == "bench" and args.preset else "runs/demo/last.pt")
+        if args.command == "bench":  # no tokenizer needed; --preset without --ckpt: random weights of that size
             model = RandAR(PRESETS[args.preset]) if args.ckpt is None else load_model(args.ckpt, args.config, args.preset)[0]
             return bench(model.to(args.device).eval(), args)
-        args.ckpt = args.ckpt or "runs/demo/last.pt"
         model, vq = load_run(args)
         if getattr(args, "steps", None) is not None and args.steps > model.config.block_size:
             raise ValueError(f"--steps must be between 1 and {model.config.block_size} (the number of tokens), "

@@ -250,6 +250,17 @@ def test_spatial_guidance_zeroes_exactly_half_of_the_context_embeddings():
     assert x_zero[:, 1::2].abs().max() == 0 and x_tok0[:, 1::2].abs().max() > 0
 
 
+@pytest.mark.parametrize("heads, kv_heads, T, S", [(4, 4, 3, 40), (8, 2, 5, 17), (2, 1, 1, 9)])
+def test_written_out_attention_equals_sdpa(heads, kv_heads, T, S):
+    """The compiled CPU step's attention against torch's, with a decoding mask (each query row sees the slots up
+    to its own) and grouped-query heads."""
+    g = torch.Generator().manual_seed(heads + T)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((heads, T), (kv_heads, S), (kv_heads, S)))
+    mask = torch.arange(S) <= torch.randint(0, S, (T,), generator=g)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    assert (gen.written_out_attention(q, k, v, attn_mask=mask) - want).abs().max() < 1e-5
+
+
 def teacher_forced_kv(model, tokens, labels, order):
     """K/V of every layer from the plain training forward, captured with hooks: [(k, v)] (B, H, 1+2N, hd)."""
     captured, hooks = [], []
