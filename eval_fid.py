@@ -353,6 +353,8 @@ def fashion_scores(model, images, labels, data_dir=None):
     images' features against the test split's."""
     feats, logits = classifier_outputs(model, images)
     ref = classifier_outputs(model, tok.fashion_mnist("test", data_dir)[0])[0]
+    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])  # FD in units of the test split's mean
+    feats, ref = feats / unit, ref / unit  # feature variance: the network's arbitrary scale drops out
     fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
     precision, recall = precision_recall(ref, feats)
     return {"class_consistency": float((logits.argmax(1) == np.asarray(labels)).mean()), "fid": fd,

@@ -2,6 +2,7 @@ r"""Sample from a trained RandAR: the figures, zero-shot editing, the FID protoc
 
     python sample.py                                   # grid from runs/demo/last.pt, one row per class
     python sample.py grid --steps 22                   # parallel decoding: 22 steps instead of 64
+    python sample.py grid --order halton --schedule arccos --steps 8   # beyond the paper: docs/experiments.md (e)
     python sample.py compare                           # raster vs random vs parallel, one figure
     python sample.py animate --class 7                 # GIF: raster / random / parallel decoding, step by step
     python sample.py inpaint img.png --mask 8,8,24,24 --edit-class 3
@@ -37,8 +38,8 @@ from tqdm import tqdm
 
 import common
 import tokenizer as tok
-from generate import benchmark, generate
-from randar import PRESETS, RandAR, load_model, make_order
+from generate import benchmark, decoding_order, generate
+from randar import PRESETS, RandAR, load_model
 
 
 def load_run(args):
@@ -62,8 +63,9 @@ def decode_images(vq, tokens, grid):
 
 
 def sampling_kwargs(args, **overrides):
-    kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None), cfg_scale=args.cfg,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile=args.compile)
+    kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None), schedule=args.schedule,
+              cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              compile=args.compile)
     return {**kw, **overrides}
 
 
@@ -168,6 +170,7 @@ def run_settings(model, labels, args):
     settings = {"--ckpt contents": common.file_fingerprint(args.ckpt),
                 "model config": asdict(model.config), "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
                 "device type": args.device.type, "--cfg": args.cfg, "--steps": args.steps, "--order": args.order,
+                "--schedule": args.schedule,
                 "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
                 "--seed": args.seed, "--batch-size": args.batch_size, "labels (--classes, --per-class)":
                 hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]}
@@ -226,10 +229,9 @@ def animate(model, vq, args):
     N, grid_size, down = model.config.block_size, model.config.grid, vq.config.downsample
     label = torch.tensor(check_classes([args.class_], model), device=args.device)
     movies = []
-    for name, kind, steps in [("raster", "raster", N), ("random", "random", N),
-                              ("parallel", "random", round(N * 88 / 256)), ("parallel", "random", N // 4)]:
+    for kind, steps in [("raster", N), ("random", N), (args.order, round(N * 88 / 256)), (args.order, N // 4)]:
         g = torch.Generator(args.device).manual_seed(args.seed)
-        order = make_order(kind, 1, N, args.device, g)  # drawn here, so every frame knows which positions are filled
+        order = decoding_order(kind, 1, N, args.device, g)  # drawn here: every frame knows which positions are filled
         counts = []
         with args.ctx:
             tokens = generate(model, label, generator=g, callback=lambda s, logits, new: counts.append(new.size(1)),
@@ -240,7 +242,7 @@ def animate(model, vq, args):
             image = decode_images(vq, tokens * filled, grid_size)[0]  # undecoded tokens as code 0 ...
             mask = filled.view(grid_size, grid_size).repeat_interleave(down, 0).repeat_interleave(down, 1).cpu()
             movie.append(torch.where(mask, image, torch.full_like(image, 128)))  # ... then painted grey
-        movies.append((f"{name} {len(counts)} steps", movie))
+        movies.append((f"{kind} {len(counts)} steps", movie))
     write_gif(movies, args.out or default_out(args, "gif"), args.scale)
 
 
@@ -453,7 +455,9 @@ def get_parser():
     add(images, "--top-k", type=common.non_negative_int, default=0)
     add(images, "--top-p", type=common.number_in(0, 1, open_low=True), default=1.0)
     add(images, "--batch-size", type=common.positive_int, default=100, help="images per generate() call")
-    add("grid inpaint outpaint extrapolate", "--order", default="random", choices=["random", "raster"])
+    add("grid animate inpaint outpaint extrapolate", "--order", default="random",
+        choices=["random", "raster", "halton"], help="animate: the order of its parallel rows")
+    add(images, "--schedule", default="cosine", choices=["cosine", "arccos"], help="tokens per step when parallel")
     add("grid inpaint outpaint extrapolate", "--steps", type=common.positive_int, default=None,
         help="decoding steps; fewer than N = parallel (default: N, or a release YAML's num_inference_steps)")
     add("grid extrapolate", "--per-class", type=common.positive_int, default=8, help="images per class")

@@ -34,7 +34,8 @@ import randar
 import sample
 import tokenizer as tok
 import train
-from generate import decoding_schedule, feed_plan, filter_logits, generate, sampling_probs
+from generate import (decoding_schedule, feed_plan, filter_logits, generate, halton_order, radical_inverse,
+                      sampling_probs)
 from randar import RandAR, RandARConfig, apply_rope, rope_table_2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -211,6 +212,33 @@ def test_schedules_match_reference(fx):
     for key, ref in fx["schedules"].items():
         n, steps = map(int, key.split("_"))
         assert decoding_schedule(n, steps) == ref["tokens_per_step"], key
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "arccos"])
+def test_schedules_decode_every_token_once_in_the_steps_asked(schedule):
+    for n in (4, 16, 64, 100, 256):
+        for steps in range(1, n):  # the first step always holds one token: one step asked gives two
+            counts = decoding_schedule(n, steps, schedule)
+            assert sum(counts) == n and min(counts) >= 1 and len(counts) == max(steps, 2), (n, steps)
+    early = lambda sched: sum(decoding_schedule(256, 16, sched)[:8])
+    assert early("arccos") > early("cosine")  # arccos decodes more in the first half, cosine more at the end
+
+
+def test_halton_order_is_the_slow_first_visit_walk():
+    assert radical_inverse(torch.arange(8), 2).tolist() == [0, .5, .25, .75, .125, .625, .375, .875]
+    assert radical_inverse(torch.arange(5), 3).tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1 / 9, 4 / 9], abs=1e-12)
+    for grid in (4, 6, 16):
+        order = halton_order(3, grid, "cpu", torch.Generator().manual_seed(grid))
+        offsets = torch.rand(3, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(grid))
+        for row, (u, v) in zip(order.tolist(), offsets[:, 0].tolist()):
+            walk, i = [], 0
+            while len(walk) < grid * grid:  # the Halton point i, shifted, names a cell; first visits only
+                x, y = ((radical_inverse(torch.tensor([i]), b).item() + w) % 1 for b, w in ((2, u), (3, v)))
+                cell = int(y * grid) * grid + int(x * grid)
+                walk += [cell] if cell not in walk else []
+                i += 1
+            assert row == walk
+    assert not torch.equal(*halton_order(2, 8, "cpu", torch.Generator().manual_seed(0)))  # offsets differ per sample
 
 
 def test_sampling_filters_match_reference(fx):
@@ -432,7 +460,7 @@ def test_feed_plan_rewrites_queries_at_their_training_slots():
     assert feed.read == 40 and feed_plan([3, 2], known=4, n_slots=200)[0].read == 64
 
 
-@pytest.mark.parametrize("order", ["random", "raster"])
+@pytest.mark.parametrize("order", ["random", "raster", "halton"])
 def test_a_known_prefix_is_kept_and_decodes_like_teacher_forcing(order):
     model = random_gpt(seed=3)
     g = torch.Generator().manual_seed(0)
@@ -477,6 +505,7 @@ def test_same_generator_same_tokens_and_generators_differ():
     (dict(steps=-1), "steps"),
     (dict(steps=2.5), "steps"),
     (dict(order="spiral"), "spiral"),
+    (dict(steps=4, schedule="linear"), "schedule"),
     (dict(order=torch.zeros(2, 16, dtype=torch.long)), "permutation"),
     (dict(temperature=0.0), "temperature"),
     (dict(labels=torch.tensor([0, 10])), "labels"),

@@ -1,0 +1,101 @@
+"""Remakes the measurements and charts of docs/experiments.md from a run a reader can make (`python train.py`).
+
+    python docs/figures.py orders                      # (e): orders x schedules x steps, two seeds -> docs/orders.png
+    python docs/figures.py orders --run runs/longer     # the same on another run (chart: docs/orders_longer.png)
+
+Every point is two commands, printed as they run and skipped when their output exists (so an interrupted study
+resumes): `sample.py grid` writes 5,000 samples (500 per class, CFG 1->4), `eval_fid.py ... fashion-mnist` scores
+them. Files go to RUN/study/. Charts are drawn with PIL (no plotting library is a dependency).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, SEEDS = (8, 16, 22, 64), (0, 1)
+LINES = [("random", "cosine"), ("random", "arccos"), ("halton", "cosine"), ("halton", "arccos")]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def scores(run, order, schedule, steps, seed, n_tokens=64):
+    """One point's scores; at steps >= the token count every schedule is one token per step: cosine's file."""
+    schedule = "cosine" if steps >= n_tokens else schedule
+    stem = os.path.join(run, "study", f"{order}_{schedule}_{steps}_seed{seed}")
+    if not os.path.exists(stem + ".json"):
+        if not os.path.exists(stem + ".npz"):
+            command(["sample.py", "grid", "--ckpt", os.path.join(run, "last.pt"), "--per-class", "500",
+                     "--batch-size", "500", "--order", order, "--schedule", schedule, "--steps", str(steps),
+                     "--seed", str(seed), "--out-npz", stem + ".npz"])
+        command(["eval_fid.py", stem + ".npz", "fashion-mnist", "--json", stem + ".json"])
+    with open(stem + ".json") as f:
+        return json.load(f)
+
+
+def command(argv):
+    print("$ python " + " ".join(argv), flush=True)
+    subprocess.run([sys.executable] + argv, cwd=ROOT, check=True)
+
+
+def chart(series, path, y_label, x_values, title):
+    """Lines with their seed spread shaded: series = [(name, colour, [(low, high) per x])]."""
+    W, H, left, right, top, bottom = 640, 400, 70, 170, 40, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo = min(v for _, _, ys in series for y in ys for v in y)
+    hi = max(v for _, _, ys in series for y in ys for v in y)
+    lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+    px = lambda i: left + i * (W - left - right) / (len(x_values) - 1)  # steps evenly spaced, as categories
+    py = lambda v: top + (hi - v) / (hi - lo) * (H - top - bottom)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i, x in enumerate(x_values):
+        d.line([px(i), H - bottom, px(i), H - bottom + 5], fill="black")
+        d.text((px(i) - 6, H - bottom + 8), str(x), fill="black")
+    for k in range(5):
+        v = lo + k * (hi - lo) / 4
+        d.line([left - 5, py(v), left, py(v)], fill="black")
+        d.text((left - 45, py(v) - 6), f"{v:.3g}", fill="black")
+    d.text(((left + W - right) / 2 - 60, H - 22), "decoding steps (64 tokens)", fill="black")
+    d.text((8, top - 28), y_label, fill="black")
+    d.text((left, 8), title, fill="black")
+    for n, (name, colour, ys) in enumerate(series):
+        band = [(px(i), py(h)) for i, (_, h) in enumerate(ys)] + [(px(i), py(l)) for i, (l, _) in reversed(list(enumerate(ys)))]
+        img.paste(Image.new("RGB", img.size, colour), mask=polygon_mask(img.size, band, 60))
+        d.line([(px(i), py((l + h) / 2)) for i, (l, h) in enumerate(ys)], fill=colour, width=2)
+        d.line([W - right + 15, top + 10 + 18 * n, W - right + 35, top + 10 + 18 * n], fill=colour, width=2)
+        d.text((W - right + 40, top + 4 + 18 * n), name, fill="black")
+    d.text((W - right + 15, top + 10 + 18 * len(series)), "line: mean of 2 seeds\nband: their range", fill="black")
+    img.save(path)
+
+
+def polygon_mask(size, points, alpha):
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).polygon(points, fill=alpha)
+    return mask
+
+
+def orders(args):
+    run = os.path.join(ROOT, args.run)
+    os.makedirs(os.path.join(run, "study"), exist_ok=True)
+    table = {(o, s, n): [scores(run, o, s, n, seed) for seed in SEEDS] for o, s in LINES for n in STEPS}
+    print("| order | schedule | steps | FD (seed 0 / 1) | class consistency | recall |\n|---|---|---|---|---|---|")
+    for (o, s, n), (a, b) in table.items():
+        print(f"| {o} | {s} | {n} | {a['fid']:.3f} / {b['fid']:.3f} | {a['class_consistency']:.3f} / "
+              f"{b['class_consistency']:.3f} | {a['recall']:.3f} / {b['recall']:.3f} |")
+    suffix = "" if os.path.basename(os.path.normpath(args.run)) == "demo" else "_" + os.path.basename(os.path.normpath(args.run))
+    for key, label in [("fid", "FD (Fashion-MNIST scorer), lower is better"),
+                       ("class_consistency", "class consistency, higher is better")]:
+        series = [(f"{o} + {s}", c, [sorted(r[key] for r in table[o, s, n]) for n in STEPS])
+                  for (o, s), c in zip(LINES, COLOURS)]
+        chart(series, os.path.join(ROOT, "docs", f"orders_{key}{suffix}.png"), label, STEPS,
+              f"{args.run}: 5,000 samples per point, CFG 1->4")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="figure", required=True)
+    sub.add_parser("orders", help="(e) decoding orders and schedules").add_argument("--run", default="runs/demo")
+    orders(p.parse_args())
