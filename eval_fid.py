@@ -1,10 +1,9 @@
-"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools; the demo's own
-Fashion-MNIST scorer; a linear probe of RandAR's bi-directional features.
+"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools, and the demo's own
+Fashion-MNIST scorer.
 
     python eval_fid.py SAMPLES REF --json metrics.json         # each: .npz (arr_0, NHWC uint8) or stats
     python eval_fid.py REF --save-stats ref_stats.npz          # a reference set's statistics, once
     python eval_fid.py SAMPLES.npz fashion-mnist --json out.json   # the demo's scorer, offline (arr_1: labels)
-    python eval_fid.py --probe runs/demo/last.pt               # linear probe of bi-directional vs causal features
 
 The network is Inception-v3 as TensorFlow's FID code uses it (the layout and weights file of
 `pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): images resized to 299x299 bilinearly, scaled
@@ -17,10 +16,8 @@ import json
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +25,6 @@ from tqdm import tqdm
 
 import common
 import tokenizer as tok
-from randar import load_model
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -221,24 +217,19 @@ def inception_outputs(model, images, batch_size=50, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), robust to near-singular covariances."""
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). The eigenvalues of S1 S2 are those of the symmetric
+    S1^1/2 S2 S1^1/2, so the trace is two symmetric eigendecompositions: exact for singular covariances,
+    where scipy's sqrtm of the product (the standard code's) needs a ridge, and 5x faster at 2048-d."""
     mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64)) for a in (mu1, mu2, sigma1, sigma2))
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature sizes differ: {mu1.shape} vs {mu2.shape}")
-    with warnings.catch_warnings():  # a singular product is handled just below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():  # singular product: add a small ridge, as the standard code does
-            offset = np.eye(len(sigma1)) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # tiny imaginary parts are numerical noise; large ones are an error
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in the matrix square root")
-        covmean = covmean.real
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    trace_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def inception_score(logits, splits=10):
@@ -373,55 +364,11 @@ def score_fashion_npz(path, data_dir):
     return fashion_scores(model.eval(), load_images(path), common.npz_array(path, "arr_1"), data_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# Linear probe of RandAR's features (docs/algorithm.md §9): how much of the class a frozen model's
-# features hold, read by a linear classifier trained on the train split, scored on the test split.
-
-def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4):
-    """Multinomial logistic regression on standardised features (full batch, L-BFGS) -> test accuracy."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x, xt = (train_x - mean) / std, (test_x - mean) / std
-    w = torch.zeros(x.size(1), int(train_y.max()) + 1, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(w.size(1), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, train_y) + weight_decay * w.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return ((xt @ w + b).argmax(1) == test_y).double().mean().item()
-
-
-@torch.no_grad()
-def probe(args):
-    """Accuracy of a linear classifier on mean-pooled bi-directional and causal features, and on a bag
-    of codebook indices, for the token files train.py wrote beside the checkpoint."""
-    model = load_model(args.probe)[0].to(args.device)
-    folder = os.path.dirname(args.probe)
-    splits = {s: common.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
-    data = {s: (d["tokens"][:args.probe_images].long(), d["labels"][:args.probe_images]) for s, d in splits.items()}
-    vocab = model.config.vocab_size
-    bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
-    results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
-    for kind in ("bidirectional", "causal"):
-        feats = {s: torch.cat([model.features(t[i:i + 256].to(args.device), kind=kind)
-                               .mean(1).double().cpu() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
-                 for s, (t, _) in data.items()}
-        results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
-    for name, acc in results.items():
-        print(f"linear probe, {name}: {100 * acc:.2f}% test accuracy")
-    return results
-
-
 def main(args):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     for out in (args.json, args.save_stats):
         if out:
             common.check_output(out)
-    if args.probe:
-        return probe(args)
     if args.inputs[1:] == ["fashion-mnist"]:
         return report(score_fashion_npz(args.inputs[0], args.data_dir), args.json)
     model = functools.cache(lambda: load_inception(args.inception, args.device))  # only if some input is images
@@ -464,17 +411,14 @@ def get_parser():
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.add_argument("--batch-size", type=common.positive_int, default=50)
     p.add_argument("--device", default="auto")
-    p.add_argument("--probe", default=None, metavar="CKPT", help="instead: linear-probe RandAR features (token "
-                   "files beside CKPT, as train.py leaves them)")
-    p.add_argument("--probe-images", type=common.positive_int, default=10000, help="images per split for the probe")
     return p
 
 
 def cli(argv=None):
     """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
     args = get_parser().parse_args(argv)
-    if len(args.inputs) > 2 or (not args.inputs and not args.probe):
-        sys.exit("error: give SAMPLES REF, one input with --save-stats, or --probe CKPT")
+    if not 1 <= len(args.inputs) <= 2:
+        sys.exit("error: give SAMPLES REF, or one input with --save-stats")
     common.run(main, args)
 
 

@@ -8,7 +8,9 @@ computation), tokenizer, train.py, sampling and the FID protocol, eval_fid.py, e
 and the code base. Commands run in this process through each script's `cli`; child processes only where
 the process boundary is the point (kills, torchrun, timeouts, locks) and once per script.
 """
+import argparse
 import hashlib
+import importlib.util
 import http.server
 import itertools
 import json
@@ -1343,7 +1345,7 @@ def test_frechet_distance_matches_the_closed_form():
     x = rng.normal(size=(50, 8))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     assert abs(eval_fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-    singular = np.zeros((8, 8))  # rank-deficient: handled with the ridge, not NaN
+    singular = np.zeros((8, 8))  # rank-deficient: exact, not NaN
     assert np.isfinite(eval_fid.frechet_distance(mu, singular, mu, singular))
 
 
@@ -1502,7 +1504,7 @@ def test_fashion_scorer_command_reads_28_and_32_pixel_npz_and_writes_its_keys(qu
     assert "arr_1" in cli("eval_fid.py", tmp_path / "nolabels.npz", "fashion-mnist")
 
 
-def test_linear_probe_reads_the_arrangement_a_bag_of_codes_cannot_see(tmp_path, capsys):
+def test_linear_probe_reads_the_arrangement_a_bag_of_codes_cannot_see(tmp_path):
     """Two classes made of the same codes in opposite arrangements (ascending / descending in raster order):
     a bag of codebook indices sees equal counts and stays near chance; features from the model see where
     each code sits and separate them."""
@@ -1513,10 +1515,8 @@ def test_linear_probe_reads_the_arrangement_a_bag_of_codes_cannot_see(tmp_path, 
         codes, labels = torch.randint(0, 32, (200, 16), generator=g).sort(1).values, torch.arange(200) % 2
         tokens = torch.where(labels[:, None] == 1, codes.flip(1), codes)
         torch.save({"tokens": tokens.short(), "labels": labels}, tmp_path / f"tokens_{split}.pt")
-    capsys.readouterr()
-    assert cli("eval_fid.py", "--probe", tmp_path / "last.pt", "--probe-images", 200) is None
-    accuracy = {line.split(", ")[1].split(":")[0]: float(line.split(": ")[1].split("%")[0])
-                for line in capsys.readouterr().out.splitlines() if line.startswith("linear probe")}
+    accuracy = {name: 100 * acc for name, acc in
+                docs_figures().probe(argparse.Namespace(ckpt=str(tmp_path / "last.pt"), images=200)).items()}
     bag = accuracy["bag of codebook indices"]
     assert bag < 65 and accuracy["bidirectional features"] > bag + 20 and accuracy["causal features"] > bag + 20, accuracy
 
@@ -1525,8 +1525,16 @@ def test_linear_probe_separates_separable_classes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 5, generator=g, dtype=torch.float64)
     y = (x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0], dtype=torch.float64) > 0).long()
-    assert eval_fid.linear_probe(x[:500], y[:500], x[500:], y[500:]) > 0.95
-    assert eval_fid.linear_probe(x[:500], y[:500].flip(0), x[500:], y[500:]) < 0.7  # labels unrelated to x
+    assert docs_figures().linear_probe(x[:500], y[:500], x[500:], y[500:]) > 0.95
+    assert docs_figures().linear_probe(x[:500], y[:500].flip(0), x[500:], y[500:]) < 0.7  # labels unrelated to x
+
+
+def docs_figures():
+    """docs/figures.py, the script of docs/experiments.md's measurements, as a module."""
+    spec = importlib.util.spec_from_file_location("docs_figures", os.path.join(HERE, "docs", "figures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- every script's command line, and the code base ----------------------------------------------

@@ -1,11 +1,13 @@
 """Remakes the measurements and charts of docs/experiments.md from a run a reader can make (`python train.py`).
 
     python docs/figures.py orders                      # (e): orders x schedules x steps, two seeds -> docs/orders.png
-    python docs/figures.py orders --run runs/longer     # the same on another run (chart: docs/orders_longer.png)
+    python docs/figures.py orders --run runs/longer     # the same on another run (charts: docs/orders_*_longer.png)
+    python docs/figures.py probe                       # (d): linear probe of bi-directional vs causal features
 
 Every point is two commands, printed as they run and skipped when their output exists (so an interrupted study
 resumes): `sample.py grid` writes 5,000 samples (500 per class, CFG 1->4), `eval_fid.py ... fashion-mnist` scores
 them. Files go to RUN/study/. Charts are drawn with PIL (no plotting library is a dependency).
+The probe reads the token files train.py leaves beside the checkpoint.
 """
 import argparse
 import json
@@ -13,9 +15,15 @@ import os
 import subprocess
 import sys
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402 (the project's scripts, from the folder above)
+from randar import load_model  # noqa: E402
 STEPS, SEEDS = (8, 16, 22, 64), (0, 1)
 LINES = [("random", "cosine"), ("random", "arccos"), ("halton", "cosine"), ("halton", "arccos")]
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
@@ -94,8 +102,53 @@ def orders(args):
               f"{args.run}: 5,000 samples per point, CFG 1->4")
 
 
+# Linear probe of RandAR's features (docs/algorithm.md §9): how much of the class a frozen model's
+# features hold, read by a linear classifier trained on the train split, scored on the test split.
+
+def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4):
+    """Multinomial logistic regression on standardised features (full batch, L-BFGS) -> test accuracy."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, xt = (train_x - mean) / std, (test_x - mean) / std
+    w = torch.zeros(x.size(1), int(train_y.max()) + 1, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(w.size(1), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_y) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return ((xt @ w + b).argmax(1) == test_y).double().mean().item()
+
+
+@torch.no_grad()
+def probe(args):
+    """Accuracy of a linear classifier on mean-pooled bi-directional and causal features, and on a bag
+    of codebook indices, for the token files train.py wrote beside the checkpoint."""
+    model = load_model(os.path.join(ROOT, args.ckpt))[0]
+    folder = os.path.dirname(os.path.join(ROOT, args.ckpt))
+    splits = {s: common.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file") for s in ("train", "test")}
+    data = {s: (d["tokens"][:args.images].long(), d["labels"][:args.images]) for s, d in splits.items()}
+    vocab = model.config.vocab_size
+    bag = {s: F.one_hot(t, vocab).double().mean(1) for s, (t, _) in data.items()}
+    results = {"bag of codebook indices": linear_probe(bag["train"], data["train"][1], bag["test"], data["test"][1])}
+    for kind in ("bidirectional", "causal"):
+        feats = {s: torch.cat([model.features(t[i:i + 256], kind=kind)
+                               .mean(1).double() for i in tqdm(range(0, len(t), 256), desc=f"{kind} {s}")])
+                 for s, (t, _) in data.items()}
+        results[f"{kind} features"] = linear_probe(feats["train"], data["train"][1], feats["test"], data["test"][1])
+    for name, acc in results.items():
+        print(f"linear probe, {name}: {100 * acc:.2f}% test accuracy")
+    return results
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="figure", required=True)
     sub.add_parser("orders", help="(e) decoding orders and schedules").add_argument("--run", default="runs/demo")
-    orders(p.parse_args())
+    probe_args = sub.add_parser("probe", help="(d) linear probe of the default run's features")
+    probe_args.add_argument("--ckpt", default="runs/demo/last.pt")
+    probe_args.add_argument("--images", type=int, default=5000, help="images per split")
+    args = p.parse_args()
+    {"orders": orders, "probe": probe}[args.figure](args)
