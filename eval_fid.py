@@ -352,16 +352,20 @@ def fashion_scores(model, images, labels, data_dir=None):
             "precision": precision, "recall": recall}
 
 
-def score_fashion_npz(path, data_dir):
-    """The npz's scores with the classifier cached in the torch hub folder (trained there on first use)."""
-    if "arr_1" not in common.npz_names(path):
-        raise ValueError(f"{path} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
+def fashion_classifier(data_dir=None):
+    """The classifier cached in the torch hub folder (trained there on first use)."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", "randar_fashion_classifier.pt")
     if not os.path.isfile(cached):
         common.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
     model = FashionNet()
     model.load_state_dict(common.load_torch_file(cached, "Fashion-MNIST classifier")["model"], strict=True)
-    return fashion_scores(model.eval(), load_images(path), common.npz_array(path, "arr_1"), data_dir)
+    return model.eval()
+
+
+def score_fashion_npz(path, data_dir):
+    if "arr_1" not in common.npz_names(path):
+        raise ValueError(f"{path} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
+    return fashion_scores(fashion_classifier(data_dir), load_images(path), common.npz_array(path, "arr_1"), data_dir)
 
 
 def main(args):

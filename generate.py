@@ -3,8 +3,8 @@ sampling, the loop, compiling it, and its benchmark (`python sample.py bench`). 
 
     tokens = generate(model, labels, order="random", steps=22, cfg_scale=(1.0, 4.0))   # [B, N], raster layout
 
-One call does it all: raster or random order, one token per step or several (parallel decoding with a KV
-cache), known tokens first (zero-shot editing), a larger grid (resolution extrapolation).
+One call does it all: raster, random or Halton order, one token per step or several (parallel decoding
+with a KV cache), known tokens first (zero-shot editing), a larger grid (resolution extrapolation).
 """
 import contextlib
 import itertools
@@ -57,7 +57,7 @@ def radical_inverse(i, base):
 
 def halton_order(B, grid, device, generator=None):
     """Cells in the order 2D Halton points (bases 2, 3) first visit them, the points shifted by a random offset
-    per sample (mod 1): positions decoded in the same step lie spread apart (docs/algorithm.md §7). 8N points
+    per sample (mod 1): positions decoded in the same step lie spread apart (docs/algorithm.md §5). 8N points
     visit every cell in practice; any missed would come last, in raster order."""
     i = torch.arange(8 * grid * grid, device=device)
     points = torch.stack([radical_inverse(i, 2), radical_inverse(i, 3)], dim=-1)  # [M, 2] in [0, 1)^2
@@ -109,7 +109,7 @@ def rope_for_grid(model, grid, ntk_boundary=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. How many per step: the reference's cosine schedule (docs/algorithm.md §5).
+# 2. How many per step: the reference's cosine schedule, or ARPG's arccos (docs/algorithm.md §5).
 
 def decoding_schedule(n_tokens, steps, schedule="cosine"):
     """Tokens decoded per step: after step i + 1 of `steps`, floor(f((i + 1) / steps) * n_tokens + 1) are done,
@@ -367,6 +367,8 @@ def written_out_and_frozen():
     from torch._inductor import config
     with config.patch(freezing=True), mock.patch.object(F, "scaled_dot_product_attention", written_out_attention):
         yield
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. The benchmark (`python sample.py bench`): what compiling and parallel decoding buy.
 

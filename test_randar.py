@@ -744,7 +744,7 @@ def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path, capsy
     torch.set_num_threads(2)
     try:
         for out in ("0", "1"):
-            tok.train_tokenizer(str(tmp_path / out), limit=1024, steps=20, batch_size=64, flip=True, reinit_every=5,
+            tok.train_tokenizer(str(tmp_path / out), limit=512, steps=10, batch_size=32, flip=True, reinit_every=4,
                                 image_every=100)
     finally:
         torch.set_num_threads(threads)

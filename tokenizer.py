@@ -264,7 +264,7 @@ class VQModel(nn.Module):
 
 
 def load_tokenizer(path, device="cpu"):
-    """Rebuild the tokenizer from a checkpoint written by `tokenizer.py train` (strict load)."""
+    """Rebuild the tokenizer from a checkpoint written by train.py's first stage (strict load)."""
     ckpt = load_torch_file(path, "tokenizer checkpoint")
     state = ckpt.get("model")
     if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:

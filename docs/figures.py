@@ -1,8 +1,11 @@
 """Remakes the measurements and charts of docs/experiments.md from a run a reader can make (`python train.py`).
 
-    python docs/figures.py orders                      # (e): orders x schedules x steps, two seeds -> docs/orders.png
-    python docs/figures.py orders --run runs/longer     # the same on another run (charts: docs/orders_*_longer.png)
+    python docs/figures.py losses                      # (a): runs/demo against runs/raster (--order raster)
+    python docs/figures.py orders                      # (e): orders x schedules x steps x 2 seeds: docs/orders_*.png
+    python docs/figures.py orders --run runs/long       # the same on another run (charts: docs/orders_*_long.png)
     python docs/figures.py probe                       # (d): linear probe of bi-directional vs causal features
+    python docs/figures.py editing                     # (c): inpainting, class editing, extrapolation, scored
+    python docs/figures.py references                  # the README's reference rows: reconstructions, real images
 
 Every point is two commands, printed as they run and skipped when their output exists (so an interrupted study
 resumes): `sample.py grid` writes 5,000 samples (500 per class, CFG 1->4), `eval_fid.py ... fashion-mnist` scores
@@ -23,7 +26,11 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402 (the project's scripts, from the folder above)
+import eval_fid  # noqa: E402
+import tokenizer as tok  # noqa: E402
+from generate import generate  # noqa: E402
 from randar import load_model  # noqa: E402
+
 STEPS, SEEDS = (8, 16, 22, 64), (0, 1)
 LINES = [("random", "cosine"), ("random", "arccos"), ("halton", "cosine"), ("halton", "arccos")]
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
@@ -48,7 +55,7 @@ def command(argv):
     subprocess.run([sys.executable] + argv, cwd=ROOT, check=True)
 
 
-def chart(series, path, y_label, x_values, title):
+def chart(series, path, x_label, y_label, x_values, title, note="line: mean of 2 seeds\nband: their range"):
     """Lines with their seed spread shaded: series = [(name, colour, [(low, high) per x])]."""
     W, H, left, right, top, bottom = 640, 400, 70, 170, 40, 50
     img = Image.new("RGB", (W, H), "white")
@@ -66,16 +73,17 @@ def chart(series, path, y_label, x_values, title):
         v = lo + k * (hi - lo) / 4
         d.line([left - 5, py(v), left, py(v)], fill="black")
         d.text((left - 45, py(v) - 6), f"{v:.3g}", fill="black")
-    d.text(((left + W - right) / 2 - 60, H - 22), "decoding steps (64 tokens)", fill="black")
+    d.text(((left + W - right) / 2 - 60, H - 22), x_label, fill="black")
     d.text((8, top - 28), y_label, fill="black")
     d.text((left, 8), title, fill="black")
     for n, (name, colour, ys) in enumerate(series):
-        band = [(px(i), py(h)) for i, (_, h) in enumerate(ys)] + [(px(i), py(l)) for i, (l, _) in reversed(list(enumerate(ys)))]
+        band = [(px(i), py(h)) for i, (_, h) in enumerate(ys)]
+        band += [(px(i), py(l)) for i, (l, _) in reversed(list(enumerate(ys)))]
         img.paste(Image.new("RGB", img.size, colour), mask=polygon_mask(img.size, band, 60))
         d.line([(px(i), py((l + h) / 2)) for i, (l, h) in enumerate(ys)], fill=colour, width=2)
         d.line([W - right + 15, top + 10 + 18 * n, W - right + 35, top + 10 + 18 * n], fill=colour, width=2)
         d.text((W - right + 40, top + 4 + 18 * n), name, fill="black")
-    d.text((W - right + 15, top + 10 + 18 * len(series)), "line: mean of 2 seeds\nband: their range", fill="black")
+    d.text((W - right + 15, top + 10 + 18 * len(series)), note, fill="black")
     img.save(path)
 
 
@@ -93,13 +101,14 @@ def orders(args):
     for (o, s, n), (a, b) in table.items():
         print(f"| {o} | {s} | {n} | {a['fid']:.3f} / {b['fid']:.3f} | {a['class_consistency']:.3f} / "
               f"{b['class_consistency']:.3f} | {a['recall']:.3f} / {b['recall']:.3f} |")
-    suffix = "" if os.path.basename(os.path.normpath(args.run)) == "demo" else "_" + os.path.basename(os.path.normpath(args.run))
+    name = os.path.basename(os.path.normpath(args.run))
+    suffix = "" if name == "demo" else "_" + name
     for key, label in [("fid", "FD (Fashion-MNIST scorer), lower is better"),
                        ("class_consistency", "class consistency, higher is better")]:
         series = [(f"{o} + {s}", c, [sorted(r[key] for r in table[o, s, n]) for n in STEPS])
                   for (o, s), c in zip(LINES, COLOURS)]
-        chart(series, os.path.join(ROOT, "docs", f"orders_{key}{suffix}.png"), label, STEPS,
-              f"{args.run}: 5,000 samples per point, CFG 1->4")
+        chart(series, os.path.join(ROOT, "docs", f"orders_{key}{suffix}.png"), "decoding steps (64 tokens)", label,
+              STEPS, f"{args.run}: 5,000 samples per point, CFG 1->4")
 
 
 # Linear probe of RandAR's features (docs/algorithm.md §9): how much of the class a frozen model's
@@ -143,6 +152,69 @@ def probe(args):
     return results
 
 
+def losses(args):
+    """(a): validation loss against training steps of a random-order and a raster-order run (metrics.jsonl)."""
+    curves = {}
+    for name, run in (("random order", args.random), ("raster order", args.raster)):
+        with open(os.path.join(ROOT, run, "metrics.jsonl")) as f:
+            curves[name] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    print("| order | " + " | ".join(map(str, steps)) + " steps |\n|---" * (len(steps) + 1) + "|")
+    for name, curve in curves.items():
+        print(f"| {name} | " + " | ".join(f"{curve[s]:.3f}" for s in steps) + " |")
+    series = [(name, c, [(curve[s], curve[s]) for s in steps]) for (name, curve), c in zip(curves.items(), COLOURS)]
+    chart(series, os.path.join(ROOT, "docs", "random_vs_raster.png"), "training steps (batch 32)",
+          "validation loss, nats/token (own order)", steps, f"{args.random} vs {args.raster}",
+          note="one run each:\ntraining is\ndeterministic")
+
+
+@torch.no_grad()
+def editing(args):
+    """Class consistency (the scorer's classifier) of 1,000 edited test images, and of 200 extrapolated samples
+    pooled back to 32x32: inpainting keeps each image's top half (4 of 8 token rows) and regenerates the
+    bottom as its own class or as the next one (class editing); extrapolation as `sample.py extrapolate`."""
+    torch.manual_seed(0)
+    model, vq = load_model(os.path.join(ROOT, args.ckpt))[0], tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt))
+    classifier = eval_fid.fashion_classifier()
+    images, labels = (t[:1000] for t in tok.fashion_mnist("test"))
+    tokens = torch.cat([vq.encode(tok.to_pixels(images[i:i + 250])).flatten(1) for i in range(0, 1000, 250)])
+    top = torch.arange(32).expand(1000, -1)  # token rows 0-3 of the 8x8 grid
+    consistency = lambda x, y: (eval_fid.classifier_outputs(classifier, x)[1].argmax(1) == y.numpy()).mean()
+    pixels = lambda t, g: tok.to_uint8(vq.decode(t.view(-1, g, g)))
+    g = torch.Generator().manual_seed(0)
+    print(f"| images (1,000) | class consistency |\n|---|---|\n| the test images themselves | "
+          f"{consistency(images, labels):.3f} |")
+    for name, target in (("inpainted, own class", labels), ("inpainted as the next class", (labels + 1) % 10)):
+        out = generate(model, target, known=(top, tokens[:, :32]), cfg_scale=(1.0, 4.0), generator=g)
+        print(f"| bottom half {name} | {consistency(pixels(out, 8), target):.3f} |")
+    labels = torch.arange(200) % 10  # extrapolation: 200 samples (a 16x16 grid costs 4x the tokens, 16x the attention)
+    base = generate(model, labels, cfg_scale=(1.0, 4.0), generator=g)
+    known = ((torch.arange(8) * 2 * 16)[:, None] + torch.arange(8) * 2).flatten().expand(200, -1)
+    big = torch.cat([generate(model, labels[i:i + 50], known=(known[i:i + 50], base[i:i + 50]), grid=16,
+                              cfg_scale=(1.0, 4.0), spatial_cfg_scale=(1.0, 2.0), generator=g) for i in range(0, 200, 50)])
+    print(f"| 200 samples (base, 8x8 tokens) | {consistency(pixels(base, 8), labels):.3f} |")
+    small = F.avg_pool2d(pixels(big, 16).float(), 2).round().to(torch.uint8)
+    print(f"| the same extrapolated to 16x16 tokens, pooled to 32x32 | {consistency(small, labels):.3f} |")
+
+
+@torch.no_grad()
+def references(args):
+    """The scorer on images that are not samples: the tokenizer's reconstructions of 5,000 test images,
+    5,000 real training images with their labels and shuffled, uniform noise."""
+    vq, classifier = tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt)), eval_fid.fashion_classifier()
+    (test, test_labels), (train, train_labels) = tok.fashion_mnist("test"), tok.fashion_mnist("train")
+    recon = torch.cat([tok.to_uint8(vq.decode(vq.encode(tok.to_pixels(test[i:i + 500])))) for i in range(0, 5000, 500)])
+    shuffled = train_labels[:5000][torch.randperm(5000, generator=torch.Generator().manual_seed(0))]
+    noise = torch.randint(0, 256, (5000, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    print("| images | class consistency | FD | precision | recall |\n|---|---|---|---|---|")
+    for name, images, labels in [("reconstructions of 5,000 test images", recon, test_labels[:5000]),
+                                 ("5,000 real training images", train[:5000], train_labels[:5000]),
+                                 ("the same, labels shuffled", train[:5000], shuffled),
+                                 ("uniform noise", noise, train_labels[:5000])]:
+        r = eval_fid.fashion_scores(classifier, images, labels)
+        print(f"| {name} | {r['class_consistency']:.3f} | {r['fid']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="figure", required=True)
@@ -150,5 +222,12 @@ if __name__ == "__main__":
     probe_args = sub.add_parser("probe", help="(d) linear probe of the default run's features")
     probe_args.add_argument("--ckpt", default="runs/demo/last.pt")
     probe_args.add_argument("--images", type=int, default=5000, help="images per split")
+    for name, help in (("editing", "(c) editing and extrapolation, scored"), ("references", "reference rows")):
+        files = sub.add_parser(name, help=help)
+        files.add_argument("--ckpt", default="runs/demo/last.pt")
+        files.add_argument("--vq-ckpt", default="runs/demo/tokenizer.pt")
+    runs = sub.add_parser("losses", help="(a) random vs raster order: validation loss")
+    runs.add_argument("--random", default="runs/demo")
+    runs.add_argument("--raster", default="runs/raster")
     args = p.parse_args()
-    {"orders": orders, "probe": probe}[args.figure](args)
+    {"orders": orders, "probe": probe, "editing": editing, "references": references, "losses": losses}[args.figure](args)
