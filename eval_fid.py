@@ -330,7 +330,7 @@ def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
 @torch.no_grad()
 def classifier_outputs(model, images, batch_size=500):
     """uint8 images, (N, 1, H, W) or NHWC with H, W 28 or 32 -> features (N, 128) float64, logits (N, 10)."""
-    images = torch.as_tensor(np.array(images))  # a copy: memory-mapped arrays are read-only
+    images = images.clone() if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # memory maps: read-only
     images = images.permute(0, 3, 1, 2) if images.dim() == 4 and images.shape[-1] == 1 else images
     if images.shape[1:] not in ((1, 28, 28), (1, 32, 32)):
         raise ValueError(f"the Fashion-MNIST scorer takes grey 28x28 or 32x32 images, got shape {tuple(images.shape)}")

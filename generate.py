@@ -70,10 +70,11 @@ def halton_order(B, grid, device, generator=None):
 
 def decoding_order(order, B, N, device, generator=None):
     """'random' | 'raster' | 'halton' | a [B, N] permutation -> [B, N] on device, for a square grid of N."""
-    if isinstance(order, str) and order not in ("random", "raster", "halton"):
-        raise ValueError(f"order must be 'random', 'raster', 'halton' or a [B, N] permutation, got {order!r}")
-    if isinstance(order, str) and order == "halton":
-        return halton_order(B, math.isqrt(N), device, generator)
+    if isinstance(order, str):
+        if order not in ("random", "raster", "halton"):
+            raise ValueError(f"order must be 'random', 'raster', 'halton' or a [B, N] permutation, got {order!r}")
+        if order == "halton":
+            return halton_order(B, math.isqrt(N), device, generator)
     return make_order(order, B, N, device, generator)
 
 
@@ -279,7 +280,8 @@ def generate(model, labels, order="random", steps=None, schedule="cosine", cfg_s
     tokens [B, K]) fed teacher-forced first, returned unchanged (editing). grid: grid x grid tokens with the
     NTK-mixed RoPE (resolution extrapolation; ntk_boundary None: default_ntk_boundary); spatial_cfg_scale:
     (start, end) of guidance against a copy with half the known tokens dropped, used iff both ends > 1.
-    compile: the decode step runs through torch.compile. callback(step, logits [B, n, V] after guidance, tokens [B, n]).
+    compile: the decode step runs through torch.compile. callback(step, logits [B, n, V] after guidance,
+    tokens [B, n]).
     """
     check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cfg_scale)
     grid = model.config.grid if grid is None else grid

@@ -1680,4 +1680,4 @@ def test_the_code_stays_a_size_a_reader_can_hold():
     assert circle and circle[0] == circle[-1] and {"randar", "sample"} <= set(circle), circle
     assert not long, long
     # All scripts together: a ratchet toward the 3,000 the layout aims at (lower it as the code shrinks).
-    assert lines["randar"] <= 450 and max(lines.values()) <= 500 and sum(lines.values()) <= 3231, lines
+    assert lines["randar"] <= 450 and max(lines.values()) <= 500 and sum(lines.values()) <= 3227, lines

@@ -57,7 +57,7 @@ def command(argv):
 
 def chart(series, path, x_label, y_label, x_values, title, note="line: mean of 2 seeds\nband: their range"):
     """Lines with their seed spread shaded: series = [(name, colour, [(low, high) per x])]."""
-    W, H, left, right, top, bottom = 640, 400, 70, 170, 40, 50
+    W, H, left, right, top, bottom = 640, 400, 70, 170, 50, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     lo = min(v for _, _, ys in series for y in ys for v in y)
@@ -74,8 +74,8 @@ def chart(series, path, x_label, y_label, x_values, title, note="line: mean of 2
         d.line([left - 5, py(v), left, py(v)], fill="black")
         d.text((left - 45, py(v) - 6), f"{v:.3g}", fill="black")
     d.text(((left + W - right) / 2 - 60, H - 22), x_label, fill="black")
-    d.text((8, top - 28), y_label, fill="black")
-    d.text((left, 8), title, fill="black")
+    d.text((8, top - 20), y_label, fill="black")
+    d.text((8, 6), title, fill="black")
     for n, (name, colour, ys) in enumerate(series):
         band = [(px(i), py(h)) for i, (_, h) in enumerate(ys)]
         band += [(px(i), py(l)) for i, (l, _) in reversed(list(enumerate(ys)))]
@@ -159,7 +159,7 @@ def losses(args):
         with open(os.path.join(ROOT, run, "metrics.jsonl")) as f:
             curves[name] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
-    print("| order | " + " | ".join(map(str, steps)) + " steps |\n|---" * (len(steps) + 1) + "|")
+    print("| order | " + " | ".join(map(str, steps)) + " steps |\n" + "|---" * (len(steps) + 1) + "|")
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[s]:.3f}" for s in steps) + " |")
     series = [(name, c, [(curve[s], curve[s]) for s in steps]) for (name, curve), c in zip(curves.items(), COLOURS)]
