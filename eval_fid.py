@@ -341,11 +341,11 @@ def classifier_outputs(model, images, batch_size=500):
 
 def fashion_scores(model, images, labels, data_dir=None):
     """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall of the
-    images' features against the test split's."""
+    images' features against the test split's (FD in units of the test features' mean variance)."""
     feats, logits = classifier_outputs(model, images)
     ref = classifier_outputs(model, tok.fashion_mnist("test", data_dir)[0])[0]
-    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])  # FD in units of the test split's mean
-    feats, ref = feats / unit, ref / unit  # feature variance: the network's arbitrary scale drops out
+    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])  # the test features' mean std:
+    feats, ref = feats / unit, ref / unit  # FD in that unit, free of the network's arbitrary scale
     fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
     precision, recall = precision_recall(ref, feats)
     return {"class_consistency": float((logits.argmax(1) == np.asarray(labels)).mean()), "fid": fd,

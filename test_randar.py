@@ -1328,7 +1328,7 @@ def test_bench_measures_every_size_batch_and_decoding(capsys):
         assert abs(float(images_s) * float(ms) - 1000) <= 20
 
 
-# ---- eval_fid.py: FID, precision / recall, the Fashion-MNIST scorer, the linear probe ------------
+# ---- eval_fid.py: FID, precision / recall, the Fashion-MNIST scorer; the linear probe (docs/figures.py)
 
 def test_frechet_distance_matches_the_closed_form():
     rng = np.random.default_rng(0)
