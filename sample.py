@@ -242,8 +242,8 @@ def animate(model, vq, args):
             image = decode_images(vq, tokens * filled, grid_size)[0]  # undecoded tokens as code 0 ...
             mask = filled.view(grid_size, grid_size).repeat_interleave(down, 0).repeat_interleave(down, 1).cpu()
             movie.append(torch.where(mask, image, torch.full_like(image, 128)))  # ... then painted grey
-        schedule = f" ({args.schedule})" if steps < N and args.schedule != "cosine" else " steps"
-        movies.append((f"{kind} {len(counts)}{schedule}", movie))
+        label_end = f" ({args.schedule})" if steps < N and args.schedule != "cosine" else " steps"
+        movies.append((f"{kind} {len(counts)}{label_end}", movie))
     write_gif(movies, args.out or default_out(args, "gif"), args.scale)
 
 
