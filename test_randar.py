@@ -1141,11 +1141,11 @@ def test_miniature_imagenet_through_torchrun(tmp_path, capsys):
     # FID against an ADM-style reference batch (images + another network's mu/sigma), on a slice: Inception is slow here
     torch.manual_seed(0)
     torch.save(eval_fid.FIDInception().state_dict(), tmp_path / "inception.pth")
-    np.savez(tmp_path / "samples50.npz", arr_0=two["arr_0"][:50])
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 255, (50, 16, 16, 3), dtype=np.uint8), mu=np.zeros(2048),
+    np.savez(tmp_path / "samples10.npz", arr_0=two["arr_0"][:10])
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8), mu=np.zeros(2048),
              sigma=np.eye(2048))
     capsys.readouterr()
-    assert cli("eval_fid.py", tmp_path / "samples50.npz", tmp_path / "ref.npz", "--inception", tmp_path / "inception.pth") is None
+    assert cli("eval_fid.py", tmp_path / "samples10.npz", tmp_path / "ref.npz", "--inception", tmp_path / "inception.pth") is None
     out = capsys.readouterr().out
     assert "another Inception" in out and "fid:" in out, out
 
