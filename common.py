@@ -1,9 +1,5 @@
-"""What every script shares: reading checkpoints safely, writing outputs atomically, one-line CLI errors.
-
-Every checkpoint is read through load_torch_file (weights_only: no pickled code ever runs), so a
-truncated, foreign or hostile file is one clear error that names it; every output goes through
-write_atomic, so a crash never leaves a half-written file; every command line reports a bad
-argument or input as one line naming it, and exits non-zero.
+"""What every script shares: checkpoints read safely (weights_only), outputs written atomically (a crash never
+leaves a half-written file), streamed .npz files, one job per folder, one-line command-line errors.
 """
 import argparse
 import datetime
@@ -17,14 +13,12 @@ import re
 import socket
 import sys
 import urllib.error
-import urllib.request
 import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,24 +221,19 @@ def file_fingerprint(path, block=1 << 20):
 
 
 def download(url, dest, md5):
-    """url -> dest with a progress bar, md5-checked; a failure leaves nothing behind and is one error."""
+    """url -> dest, md5-checked (torch.hub's downloader: a progress bar, a temporary file until complete); a
+    failure leaves nothing behind and is one error."""
     tmp = dest + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                       desc=os.path.basename(dest))
-            digest = hashlib.md5()
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-            bar.close()
-        if digest.hexdigest() != md5:
-            raise ValueError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
+        torch.hub.download_url_to_file(url, tmp)
+        with open(tmp, "rb") as f:
+            digest = hashlib.md5(f.read()).hexdigest()
+        if digest != md5:
+            raise ValueError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}")
         os.replace(tmp, dest)
     except urllib.error.URLError as e:
         raise OSError(f"cannot download {os.path.basename(dest)} from {url} ({e.reason})") from None
-    finally:  # nothing half-written survives
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
@@ -351,11 +340,13 @@ class FolderLock:
             self.file.close()
 
 
-def init_process_group(timeout_s=1800):
-    """The torchrun process group (nccl on GPUs, gloo on CPUs) -> (rank, world size). A collective that waits
-    longer than timeout_s (a rank died or hangs) fails instead of blocking the other ranks forever. Keys in
-    torchrun's store are prefixed by the restart attempt: a group restarted by --max-restarts must not read
-    the addresses its dead predecessors left there (gloo would try to connect to them and fail)."""
+def setup_distributed(device="auto", timeout_s=1800):
+    """(rank, world size, device): one process on `device` ('auto': the GPU if any), or under torchrun its process
+    group (nccl on GPUs, gloo on CPUs) and the rank's GPU. A collective that waits longer than timeout_s (a rank
+    died or hangs) fails instead of blocking the other ranks forever. Keys in torchrun's store are prefixed by the
+    restart attempt: a group restarted by --max-restarts must not read the addresses its dead predecessors left."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=timeout_s)
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
@@ -364,7 +355,10 @@ def init_process_group(timeout_s=1800):
     store = dist.PrefixStore(f"randar/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
                             world_size=world, timeout=timeout)
-    return rank, world
+    if not torch.cuda.is_available():
+        return rank, world, torch.device("cpu")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
 
 
 def rank0_decides(fn, rank):
@@ -400,37 +394,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f"error: {self.prog.split()[-1] if ' ' in self.prog else self.prog}: {message}")
 
 
-def int_at_least(low):
+def in_range(kind, low, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: an int or float in [low, high] (an end excluded when open_*); NaN never passes."""
     def check(text):
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-    return check
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-
-def number_in(low, high, open_low=False, open_high=False):
-    """An argparse type for a float in [low, high] (an end excluded when open_*); NaN never passes."""
-    def check(text):
-        try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
             value = math.nan
         if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
             span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be a number in {span}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {span}, "
+                                             f"got {text!r}")
         return value
     return check
 
 
-positive_number, non_negative_number = number_in(0, math.inf, open_low=True), number_in(0, math.inf)
-probability = number_in(0, 1, open_high=True)
+positive_int, non_negative_int = in_range(int, 1), in_range(int, 0)
+positive_number, non_negative_number = in_range(float, 0, open_low=True), in_range(float, 0)
+probability = in_range(float, 0, 1, open_high=True)
 
 
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):

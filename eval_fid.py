@@ -1,8 +1,7 @@
 """FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools, and the demo's own
 Fashion-MNIST scorer.
 
-    python eval_fid.py SAMPLES REF --json metrics.json         # each: .npz (arr_0, NHWC uint8) or stats
-    python eval_fid.py REF --save-stats ref_stats.npz          # a reference set's statistics, once
+    python eval_fid.py SAMPLES.npz REF.npz --json metrics.json     # each: arr_0, NHWC uint8 (ADM's layout)
     python eval_fid.py SAMPLES.npz fashion-mnist --json out.json   # the demo's scorer, offline (arr_1: labels)
 
 The network is Inception-v3 as TensorFlow's FID code uses it (the layout and weights file of
@@ -10,12 +9,10 @@ The network is Inception-v3 as TensorFlow's FID code uses it (the layout and wei
 to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits for the Inception
 Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
-import functools
 import itertools
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -270,26 +267,6 @@ def precision_recall(real, fake, k=3):
     return _coverage(fake, real, _radii(real, k)), _coverage(real, fake, _radii(fake, k))
 
 
-STATS_EXTRACTOR = "pytorch-fid-inception-v3-pool3"  # written into --save-stats files, required when read back
-
-
-def statistics(path, model, args):
-    """A stats file's (mu, sigma, features, None) or an image set's (mu, sigma, features, logits)."""
-    if os.path.isfile(path) and path.endswith(".npz"):
-        names = common.npz_names(path)
-        if "mu" in names and "arr_0" in names:  # an ADM reference batch: its mu/sigma come from TF's Inception
-            print(f"{path}: its mu/sigma were computed by another Inception; using arr_0 with ours instead")
-        elif "mu" in names and "sigma" in names:
-            data = {k: np.asarray(common.npz_array(path, k)) for k in names}
-            if str(data.get("extractor", "")) != STATS_EXTRACTOR:
-                raise ValueError(f"{path} holds mu/sigma of another feature extractor and no images to recompute "
-                                 f"them from; make statistics with `eval_fid.py IMAGES --save-stats`")
-            return data["mu"], data["sigma"], data.get("features"), None
-    images = load_images(path)
-    feats, logits = inception_outputs(model(), images, args.batch_size, args.device)
-    return feats.mean(0), np.cov(feats, rowvar=False), feats, logits
-
-
 # ----------------------------------------------------------------------------------------------
 # The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the project trains
 # on Fashion-MNIST's training split is the feature network, its test split the reference.
@@ -370,31 +347,17 @@ def score_fashion_npz(path, data_dir):
 
 def main(args):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    for out in (args.json, args.save_stats):
-        if out:
-            common.check_output(out)
-    if args.inputs[1:] == ["fashion-mnist"]:
-        return report(score_fashion_npz(args.inputs[0], args.data_dir), args.json)
-    model = functools.cache(lambda: load_inception(args.inception, args.device))  # only if some input is images
-    if len(args.inputs) == 1:
-        if not args.save_stats:
-            raise ValueError("with one input, give --save-stats PATH (or give SAMPLES and REF)")
-        mu, sigma, feats, logits = statistics(args.inputs[0], model, args)
-        if logits is None:
-            raise ValueError(f"{args.inputs[0]} is already a stats file; --save-stats needs images")
-        common.save_atomic_npz(args.save_stats, mu=mu, sigma=sigma, features=feats.astype(np.float32),
-                               extractor=STATS_EXTRACTOR)
-        print(f"wrote statistics of {len(feats)} images to {args.save_stats}")
-        return
-    mu1, s1, f1, logits = statistics(args.inputs[0], model, args)
-    mu2, s2, f2, _ = statistics(args.inputs[1], model, args)
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"feature sizes differ: {args.inputs[0]} has {mu1.shape[0]}, {args.inputs[1]} has {mu2.shape[0]}")
-    results = {"fid": frechet_distance(mu1, s1, mu2, s2)}
-    if logits is not None and len(logits) >= 10:
+    if args.json:
+        common.check_output(args.json)
+    if args.ref == "fashion-mnist":
+        return report(score_fashion_npz(args.samples, args.data_dir), args.json)
+    images = [load_images(path) for path in (args.samples, args.ref)]  # both checked before Inception loads
+    model = load_inception(args.inception, args.device)
+    (f1, logits), (f2, _) = (inception_outputs(model, x, args.batch_size, args.device) for x in images)
+    results = {"fid": frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))}
+    if len(logits) >= 10:
         results["is_mean"], results["is_std"] = inception_score(logits)
-    if f1 is not None and f2 is not None:
-        results["precision"], results["recall"] = precision_recall(f2, f1)
+    results["precision"], results["recall"] = precision_recall(f2, f1)
     report(results, args.json)
 
 
@@ -407,11 +370,10 @@ def report(results, json_path):
 
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
-    p.add_argument("inputs", nargs="*", help="SAMPLES REF (each: .npz with arr_0, or stats .npz; REF 'fashion-mnist': "
-                   "the demo's own scorer)")
+    p.add_argument("samples", help="images to score: .npz, arr_0 uint8 NHWC (and arr_1 labels for fashion-mnist)")
+    p.add_argument("ref", help="reference images, the same layout (ADM's reference batches are), or 'fashion-mnist'")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files (the scorer's data)")
     p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
-    p.add_argument("--save-stats", default=None, help="with one input: write its mu, sigma and features here")
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.add_argument("--batch-size", type=common.positive_int, default=50)
     p.add_argument("--device", default="auto")
@@ -420,10 +382,7 @@ def get_parser():
 
 def cli(argv=None):
     """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
-    args = get_parser().parse_args(argv)
-    if not 1 <= len(args.inputs) <= 2:
-        sys.exit("error: give SAMPLES REF, or one input with --save-stats")
-    common.run(main, args)
+    common.run(main, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

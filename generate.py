@@ -3,7 +3,7 @@ sampling, the loop, compiling it, and its benchmark (`python sample.py bench`). 
 
     tokens = generate(model, labels, order="random", steps=22, cfg_scale=(1.0, 4.0))   # [B, N], raster layout
 
-One call does it all: raster, random or Halton order, one token per step or several (parallel decoding
+One call does it all: raster or random order, one token per step or several (parallel decoding
 with a KV cache), known tokens first (zero-shot editing), a larger grid (resolution extrapolation).
 """
 import contextlib
@@ -46,38 +46,6 @@ def known_canvas(model, known, B, N):
     return positions, canvas, is_known
 
 
-def radical_inverse(i, base):
-    """The digits of the integers i in base b, mirrored about the point: 6 = 110 in base 2 -> 0.011 = 0.375."""
-    out, scale = torch.zeros(i.shape, dtype=torch.float64, device=i.device), 1.0
-    while (i > 0).any():
-        scale /= base
-        out, i = out + scale * (i % base).double(), i // base
-    return out
-
-
-def halton_order(B, grid, device, generator=None):
-    """Cells in the order 2D Halton points (bases 2, 3) first visit them, the points shifted by a random offset
-    per sample (mod 1): positions decoded in the same step lie spread apart (docs/algorithm.md §5). 8N points
-    visit every cell in practice; any missed would come last, in raster order."""
-    i = torch.arange(8 * grid * grid, device=device)
-    points = torch.stack([radical_inverse(i, 2), radical_inverse(i, 3)], dim=-1)  # [M, 2] in [0, 1)^2
-    points = (points + torch.rand(B, 1, 2, dtype=torch.float64, device=device, generator=generator)) % 1
-    cell = (points * grid).long().clamp_(max=grid - 1)  # [B, M, (col, row)]
-    first_visit = torch.full((B, grid * grid), len(i), device=device).scatter_reduce_(
-        1, cell[..., 1] * grid + cell[..., 0], i.expand(B, -1), "amin")
-    return first_visit.argsort(dim=1, stable=True)
-
-
-def decoding_order(order, B, N, device, generator=None):
-    """'random' | 'raster' | 'halton' | a [B, N] permutation -> [B, N] on device, for a square grid of N."""
-    if isinstance(order, str):
-        if order not in ("random", "raster", "halton"):
-            raise ValueError(f"order must be 'random', 'raster', 'halton' or a [B, N] permutation, got {order!r}")
-        if order == "halton":
-            return halton_order(B, math.isqrt(N), device, generator)
-    return make_order(order, B, N, device, generator)
-
-
 def generation_order(model, order, positions, is_known, generator):
     """Known positions first, as given, then the unknown ones in the requested order -> [B, N]."""
     (B, K), N = positions.shape, is_known.size(1)
@@ -86,7 +54,7 @@ def generation_order(model, order, positions, is_known, generator):
         if not is_known.gather(1, order[:, :K]).all():
             raise ValueError("an explicit order must list the known positions first")
         return order
-    base = decoding_order(order, B, N, model.rope.device, generator)
+    base = make_order(order, B, N, model.rope.device, generator)
     unknown_first = base.gather(1, is_known.gather(1, base).long().argsort(dim=1, stable=True))
     return torch.cat([positions, unknown_first[:, :N - K]], dim=1)
 
@@ -110,25 +78,20 @@ def rope_for_grid(model, grid, ntk_boundary=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. How many per step: the reference's cosine schedule, or ARPG's arccos (docs/algorithm.md §5).
+# 2. How many per step: the reference's cosine schedule (docs/algorithm.md §5).
 
-def decoding_schedule(n_tokens, steps, schedule="cosine"):
-    """Tokens decoded per step: after step i + 1 of `steps`, floor(f((i + 1) / steps) * n_tokens + 1) are done,
-    f(t) = 1 - cos(pi t / 2) (the paper's cosine: few first, most late) or 1 - arccos(t) / (pi / 2) (ARPG's
-    arccos: more early, a large last step). steps == -1 or >= n_tokens: one token per step. In double
-    precision: float32 rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong."""
-    if schedule not in ("cosine", "arccos"):
-        raise ValueError(f"schedule must be 'cosine' or 'arccos', got {schedule!r}")
+def decoding_schedule(n_tokens, steps):
+    """Tokens decoded per step: after step i + 1 of `steps`, floor((1 - cos(pi/2 (i + 1) / steps)) n_tokens + 1) are
+    done (few first, most late). steps == -1 or >= n_tokens: one token per step. In double precision: float32
+    rounds cos(pi/3) differently and the (16, 6) schedule comes out wrong."""
     if steps == -1 or steps >= n_tokens:
         return [1] * n_tokens
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (or -1), got {steps}")
-    done_fraction = (lambda t: 1 - math.cos(math.pi / 2 * t)) if schedule == "cosine" else \
-        (lambda t: 1 - math.acos(t) / (math.pi / 2))
     counts, done = [1], 1
     while done < n_tokens:
         i = len(counts)  # steps completed so far
-        target = min(math.floor(done_fraction(min((i + 1) / steps, 1)) * n_tokens + 1), n_tokens)
+        target = min(math.floor((1 - math.cos(math.pi / 2 * min((i + 1) / steps, 1))) * n_tokens + 1), n_tokens)
         counts.append(min(max(target - done, 1), n_tokens - done))
         done += counts[-1]
     return counts
@@ -269,13 +232,13 @@ def check_sampling(steps, grid, temperature, top_k, top_p, cfg_scale, spatial_cf
 
 
 @torch.no_grad()
-def generate(model, labels, order="random", steps=None, schedule="cosine", cfg_scale=(1.0, 1.0), temperature=1.0,
+def generate(model, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), temperature=1.0,
              top_k=0, top_p=1.0, known=None, generator=None, callback=None, grid=None, spatial_cfg_scale=None,
              ntk_boundary=None, compile=False):
     """Sample [B, N] tokens (raster layout) for class labels [B].
 
-    order: 'random' | 'raster' | 'halton' | [B, N] permutation. steps: decoding steps (None: one token per
-    step; fewer: parallel decoding, tokens per step from schedule 'cosine' | 'arccos'). cfg_scale: (start, end)
+    order: 'random' | 'raster' | [B, N] permutation. steps: decoding steps (None: one token per step; fewer:
+    parallel decoding, tokens per step from the cosine schedule). cfg_scale: (start, end)
     of the linear guidance schedule, applied iff end > 1 (as the reference). known: (positions [B, K],
     tokens [B, K]) fed teacher-forced first, returned unchanged (editing). grid: grid x grid tokens with the
     NTK-mixed RoPE (resolution extrapolation; ntk_boundary None: default_ntk_boundary); spatial_cfg_scale:
@@ -290,7 +253,7 @@ def generate(model, labels, order="random", steps=None, schedule="cosine", cfg_s
     order = generation_order(model, order, positions, is_known, generator)
     if positions.size(1) == N:
         return canvas
-    per_step = decoding_schedule(N - positions.size(1), N if steps is None else steps, schedule)
+    per_step = decoding_schedule(N - positions.size(1), N if steps is None else steps)
     generated = canvas.gather(1, order)  # [B, N] in generation order; the first K are known
     guidance = guidance_rows(model, labels, generated[:, :positions.size(1)], cfg_scale, spatial_cfg_scale, generator)
     out = decode(model, rope_for_grid(model, grid, ntk_boundary), order, generated, per_step, guidance, callback,

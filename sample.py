@@ -2,7 +2,6 @@ r"""Sample from a trained RandAR: the figures, zero-shot editing, the FID protoc
 
     python sample.py                                   # grid from runs/demo/last.pt, one row per class
     python sample.py grid --steps 22                   # parallel decoding: 22 steps instead of 64
-    python sample.py grid --order halton --schedule arccos --steps 8   # beyond the paper: docs/experiments.md (e)
     python sample.py compare                           # raster vs random vs parallel, one figure
     python sample.py animate --class 7                 # GIF: raster / random / parallel decoding, step by step
     python sample.py inpaint img.png --mask 8,8,24,24 --edit-class 3
@@ -33,13 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import common
 import tokenizer as tok
-from generate import benchmark, decoding_order, generate
-from randar import PRESETS, RandAR, load_model
+from generate import benchmark, generate
+from randar import PRESETS, RandAR, load_model, make_order
 
 
 def load_run(args):
@@ -63,9 +62,8 @@ def decode_images(vq, tokens, grid):
 
 
 def sampling_kwargs(args, **overrides):
-    kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None), schedule=args.schedule,
-              cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              compile=args.compile)
+    kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None), cfg_scale=args.cfg,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile=args.compile)
     return {**kw, **overrides}
 
 
@@ -115,12 +113,6 @@ def grid(model, vq, args):
     save_figure(common.image_grid(images, nrow=args.per_class, scale=args.scale), args.out or default_out(args))
 
 
-def make_chunk(model, vq, labels, c, args, desc=None):
-    """Images (B, C, H, W) uint8 of chunk c: labels[c * batch : (c + 1) * batch]."""
-    sl = slice(c * args.batch_size, (c + 1) * args.batch_size)
-    return generate_batched(model, vq, labels[sl].to(args.device), args, first_chunk=c, desc=desc)[1]
-
-
 def chunk_path(parts, c):
     return os.path.join(parts, f"chunk_{c:05d}.npz")
 
@@ -147,7 +139,8 @@ def sample_to_npz(model, vq, labels, args):
         bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), unit="chunk", desc="sampling", disable=args.rank != 0)
         t0, found = time.time(), n_chunks - len(todo)
         for c in todo[args.rank::args.world]:  # the missing chunks, shared round-robin by the ranks
-            images = make_chunk(model, vq, labels, c, args)
+            chunk = labels[c * args.batch_size:(c + 1) * args.batch_size].to(args.device)
+            images = generate_batched(model, vq, chunk, args, first_chunk=c, desc=None)[1]
             common.save_atomic_npz(chunk_path(parts, c), images=images.permute(0, 2, 3, 1).numpy())
             if args.rank == 0:  # progress over every rank's chunks: count the files
                 on_disk = sum(bool(re.fullmatch(r"chunk_\d+\.npz", n)) for n in os.listdir(parts))
@@ -170,7 +163,6 @@ def run_settings(model, labels, args):
     settings = {"--ckpt contents": common.file_fingerprint(args.ckpt),
                 "model config": asdict(model.config), "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
                 "device type": args.device.type, "--cfg": args.cfg, "--steps": args.steps, "--order": args.order,
-                "--schedule": args.schedule,
                 "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
                 "--seed": args.seed, "--batch-size": args.batch_size, "labels (--classes, --per-class)":
                 hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]}
@@ -223,7 +215,7 @@ def compare(model, vq, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding, animated: one GIF frame per step, undecoded tokens grey .
+# Decoding, animated: one GIF frame per step, undecoded tokens grey.
 
 def animate(model, vq, args):
     N, grid_size, down = model.config.block_size, model.config.grid, vq.config.downsample
@@ -231,7 +223,7 @@ def animate(model, vq, args):
     movies = []
     for kind, steps in [("raster", N), ("random", N), (args.order, round(N * 88 / 256)), (args.order, N // 4)]:
         g = torch.Generator(args.device).manual_seed(args.seed)
-        order = decoding_order(kind, 1, N, args.device, g)  # drawn here: every frame knows which positions are filled
+        order = make_order(kind, 1, N, args.device, g)  # drawn here: every frame knows which positions are filled
         counts = []
         with args.ctx:
             tokens = generate(model, label, generator=g, callback=lambda s, logits, new: counts.append(new.size(1)),
@@ -242,27 +234,18 @@ def animate(model, vq, args):
             image = decode_images(vq, tokens * filled, grid_size)[0]  # undecoded tokens as code 0 ...
             mask = filled.view(grid_size, grid_size).repeat_interleave(down, 0).repeat_interleave(down, 1).cpu()
             movie.append(torch.where(mask, image, torch.full_like(image, 128)))  # ... then painted grey
-        label_end = f" ({args.schedule})" if steps < N and args.schedule != "cosine" else " steps"
-        movies.append((f"{kind} {len(counts)}{label_end}", movie))
+        movies.append((f"{kind} {len(counts)} steps", movie))
     write_gif(movies, args.out or default_out(args, "gif"), args.scale)
 
 
 def write_gif(movies, path, scale):
-    length = max(len(m) for _, m in movies)
-    frames = []
-    for t in range(length):
-        row = torch.cat([m[min(t, len(m) - 1)] for _, m in movies], dim=2)  # panels side by side
-        im = Image.fromarray(row.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-        labelled = Image.new("RGB", (im.width, im.height + 14), (255, 255, 255))
-        labelled.paste(im, (0, 14))
-        draw, width = ImageDraw.Draw(labelled), im.width // len(movies)
-        for i, (name, _) in enumerate(movies):
-            draw.text((i * width + 3, 1), name, fill=(0, 0, 0))
-        frames.append(labelled)
-    durations = [150] * (length - 1) + [1500]  # hold the finished images a moment
-    common.write_atomic(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                   duration=durations, loop=0), path)
+    """The movies side by side, one frame per step of the longest; a finished movie holds its last frame."""
+    names, movies = zip(*movies)
+    frames = [common.image_grid(torch.stack([m[min(t, len(m) - 1)] for m in movies]), nrow=len(movies), scale=scale,
+                                col_labels=names) for t in range(max(map(len, movies)))]
+    durations = [150] * (len(frames) - 1) + [1500]  # hold the finished images a moment
+    common.write_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                 duration=durations, loop=0), path)
     print(f"wrote {path} ({len(frames)} frames)")
 
 
@@ -375,15 +358,9 @@ def bench(model, args):
 
 def setup(args):
     """Device, autocast, and torchrun's rank / world size (grid is the only command that splits work)."""
-    args.rank, args.world = 0, 1
-    if "RANK" in os.environ:
-        if args.command != "grid":
-            raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
-        args.rank, args.world = common.init_process_group()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    args.device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ and args.command != "grid":
+        raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
+    args.rank, args.world, args.device = common.setup_distributed(args.device)
     args.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.type == "cuda" else nullcontext()
 
 
@@ -454,11 +431,10 @@ def get_parser():
     add(images, "--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
     add(images, "--temperature", type=common.non_negative_number, default=1.0)
     add(images, "--top-k", type=common.non_negative_int, default=0)
-    add(images, "--top-p", type=common.number_in(0, 1, open_low=True), default=1.0)
+    add(images, "--top-p", type=common.in_range(float, 0, 1, open_low=True), default=1.0)
     add(images, "--batch-size", type=common.positive_int, default=100, help="images per generate() call")
     add("grid animate inpaint outpaint extrapolate", "--order", default="random",
-        choices=["random", "raster", "halton"], help="animate: the order of its parallel rows")
-    add(images, "--schedule", default="cosine", choices=["cosine", "arccos"], help="tokens per step when parallel")
+        choices=["random", "raster"], help="animate: the order of its parallel rows")
     add("grid inpaint outpaint extrapolate", "--steps", type=common.positive_int, default=None,
         help="decoding steps; fewer than N = parallel (default: N, or a release YAML's num_inference_steps)")
     add("grid extrapolate", "--per-class", type=common.positive_int, default=8, help="images per class")
@@ -471,7 +447,7 @@ def get_parser():
     add("inpaint", "--mask", required=True, help="mask image (white = regenerate) or box x0,y0,x1,y1")
     add("outpaint", "--sides", default=["right"], type=side_list, help="comma list of left,right,top,bottom")
     add("outpaint", "--extend", type=common.positive_int, default=8, help="pixels to generate on each new side")
-    add("extrapolate", "--factor", type=common.int_at_least(2), default=2, help="times the training grid")
+    add("extrapolate", "--factor", type=common.in_range(int, 2), default=2, help="times the training grid")
     add("extrapolate", "--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
     add("extrapolate", "--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
     add("extrapolate", "--ntk-boundary", type=common.non_negative_int, default=None, help="highest RoPE "

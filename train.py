@@ -31,19 +31,7 @@ from randar import PRESETS, RandAR, RandARConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: distributed or not, one code path.
-
-def setup_distributed(timeout_s=1800):
-    """(rank, world, device): torchrun's process group and the rank's GPU, or one process on the GPU or CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = common.init_process_group(timeout_s)
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
+# Setup
 
 def barrier():
     if dist.is_initialized():
@@ -197,7 +185,7 @@ def sample_grid(model, vq, path, args, device, ctx):
 # ----------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, world, device = setup_distributed(args.dist_timeout)
+    rank, world, device = common.setup_distributed(timeout_s=args.dist_timeout)
     # Everything that can fail before the expensive stages is checked first.
     if args.data != "fashion-mnist" and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
@@ -464,7 +452,7 @@ def get_parser():
     p.add_argument("--batch-size", type=common.positive_int, default=32, help="per rank and micro-step")
     p.add_argument("--grad-accum", type=common.positive_int, default=1)
     p.add_argument("--lr", type=common.positive_number, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=common.number_in(0, 1), default=0.1)
+    p.add_argument("--min-lr-ratio", type=common.in_range(float, 0, 1), default=0.1)
     p.add_argument("--warmup-steps", type=common.non_negative_int, default=200)
     p.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
     p.add_argument("--clip", type=common.positive_number, default=1.0)

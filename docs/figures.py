@@ -1,16 +1,15 @@
 """Remakes the measurements and charts of docs/experiments.md from a run a reader can make (`python train.py`).
 
     python docs/figures.py losses                      # (a): runs/demo against runs/raster (--order raster)
-    python docs/figures.py orders                      # (e): orders x schedules x steps x 2 seeds: docs/orders_*.png
-    python docs/figures.py orders --run runs/long       # the same on another run (charts: docs/orders_*_long.png)
+    python docs/figures.py steps [--run runs/long]     # (b): quality against decoding steps, 2 seeds: docs/steps_*.png
     python docs/figures.py probe                       # (d): linear probe of bi-directional vs causal features
     python docs/figures.py editing                     # (c): inpainting, class editing, extrapolation, scored
     python docs/figures.py references                  # the README's reference rows: reconstructions, real images
 
-Every point is two commands, printed as they run and skipped when their output exists (so an interrupted study
-resumes): `sample.py grid` writes 5,000 samples (500 per class, CFG 1->4), `eval_fid.py ... fashion-mnist` scores
-them. Files go to RUN/study/. Charts are drawn with PIL (no plotting library is a dependency).
-The probe reads the token files train.py leaves beside the checkpoint.
+Each point of `steps` is two commands, printed as they run and skipped when their output exists (so an interrupted
+study resumes): `sample.py grid` writes 5,000 samples (500 per class, CFG 1->4), `eval_fid.py ... fashion-mnist`
+scores them; files go to RUN/study/. Charts are drawn with PIL (no plotting library is a dependency). The probe reads the token files train.py leaves
+beside the checkpoint.
 """
 import argparse
 import json
@@ -32,19 +31,16 @@ from generate import generate  # noqa: E402
 from randar import load_model  # noqa: E402
 
 STEPS, SEEDS = (8, 16, 22, 64), (0, 1)
-LINES = [("random", "cosine"), ("random", "arccos"), ("halton", "cosine"), ("halton", "arccos")]
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 
-def scores(run, order, schedule, steps, seed, n_tokens=64):
-    """One point's scores; at steps >= the token count every schedule is one token per step: cosine's file."""
-    schedule = "cosine" if steps >= n_tokens else schedule
-    stem = os.path.join(run, "study", f"{order}_{schedule}_{steps}_seed{seed}")
+def scores(run, steps, seed):
+    """One point's scores (file names as the order study of commit 72a4e5d wrote them, so its files are reused)."""
+    stem = os.path.join(run, "study", f"random_cosine_{steps}_seed{seed}")
     if not os.path.exists(stem + ".json"):
         if not os.path.exists(stem + ".npz"):
             command(["sample.py", "grid", "--ckpt", os.path.join(run, "last.pt"), "--per-class", "500",
-                     "--batch-size", "500", "--order", order, "--schedule", schedule, "--steps", str(steps),
-                     "--seed", str(seed), "--out-npz", stem + ".npz"])
+                     "--batch-size", "500", "--steps", str(steps), "--seed", str(seed), "--out-npz", stem + ".npz"])
         command(["eval_fid.py", stem + ".npz", "fashion-mnist", "--json", stem + ".json"])
     with open(stem + ".json") as f:
         return json.load(f)
@@ -93,21 +89,20 @@ def polygon_mask(size, points, alpha):
     return mask
 
 
-def orders(args):
+def steps(args):
+    """(b): random order, the cosine schedule, at 8 ... 64 steps, two sampling seeds each."""
     run = os.path.join(ROOT, args.run)
     os.makedirs(os.path.join(run, "study"), exist_ok=True)
-    table = {(o, s, n): [scores(run, o, s, n, seed) for seed in SEEDS] for o, s in LINES for n in STEPS}
-    print("| order | schedule | steps | FD (seed 0 / 1) | class consistency | recall |\n|---|---|---|---|---|---|")
-    for (o, s, n), (a, b) in table.items():
-        print(f"| {o} | {s} | {n} | {a['fid']:.3f} / {b['fid']:.3f} | {a['class_consistency']:.3f} / "
-              f"{b['class_consistency']:.3f} | {a['recall']:.3f} / {b['recall']:.3f} |")
-    name = os.path.basename(os.path.normpath(args.run))
-    suffix = "" if name == "demo" else "_" + name
+    table = {n: [scores(run, n, seed) for seed in SEEDS] for n in STEPS}
+    keys = ("class_consistency", "fid", "precision", "recall")
+    print("| steps | " + " | ".join(keys) + " |\n|---|---|---|---|---|")
+    for n, (a, b) in table.items():
+        print(f"| {n} | " + " | ".join(f"{a[k]:.3f} / {b[k]:.3f}" for k in keys) + " |")
+    suffix = "" if os.path.basename(os.path.normpath(args.run)) == "demo" else "_" + os.path.basename(args.run)
     for key, label in [("fid", "FD (Fashion-MNIST scorer), lower is better"),
                        ("class_consistency", "class consistency, higher is better")]:
-        series = [(f"{o} + {s}", c, [sorted(r[key] for r in table[o, s, n]) for n in STEPS])
-                  for (o, s), c in zip(LINES, COLOURS)]
-        chart(series, os.path.join(ROOT, "docs", f"orders_{key}{suffix}.png"), "decoding steps (64 tokens)", label,
+        series = [("random + cosine", COLOURS[0], [sorted(r[key] for r in table[n]) for n in STEPS])]
+        chart(series, os.path.join(ROOT, "docs", f"steps_{key}{suffix}.png"), "decoding steps (64 tokens)", label,
               STEPS, f"{args.run}: 5,000 samples per point, CFG 1->4")
 
 
@@ -218,7 +213,7 @@ def references(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="figure", required=True)
-    sub.add_parser("orders", help="(e) decoding orders and schedules").add_argument("--run", default="runs/demo")
+    sub.add_parser("steps", help="(b) quality against decoding steps").add_argument("--run", default="runs/demo")
     probe_args = sub.add_parser("probe", help="(d) linear probe of the default run's features")
     probe_args.add_argument("--ckpt", default="runs/demo/last.pt")
     probe_args.add_argument("--images", type=int, default=5000, help="images per split")
@@ -230,4 +225,4 @@ if __name__ == "__main__":
     runs.add_argument("--random", default="runs/demo")
     runs.add_argument("--raster", default="runs/raster")
     args = p.parse_args()
-    {"orders": orders, "probe": probe, "editing": editing, "references": references, "losses": losses}[args.figure](args)
+    {"steps": steps, "probe": probe, "editing": editing, "references": references, "losses": losses}[args.figure](args)
