@@ -96,13 +96,10 @@ def read_official_yaml(path):
 
 
 def yaml_scalar(text):
-    constants = {"true": True, "false": False, "none": None, "null": None, "~": None}
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return constants.get(text.lower(), text.strip("'\""))
+    try:
+        return json.loads(text)  # integers, floats, true, false, null
+    except ValueError:
+        return {"true": True, "false": False, "none": None, "~": None}.get(text.lower(), text.strip("'\""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +127,7 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1,
 
 
 def check_output(path):
-    """Refuse, before long work rather than after it, an output that is a folder or that cannot be created
-    (missing folders are made when the file is written)."""
+    """Refuse, before the work rather than after it, an output that is a folder or cannot be created."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path} is a directory, expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
@@ -159,8 +155,7 @@ def remove_stale_temps(path):
 
 
 class WriteErrors:
-    """A file object that keeps the OSError of a failed write: torch.save turns it into a RuntimeError that
-    no longer says why (disk full, quota exceeded)."""
+    """A file that keeps the OSError of a failed write: torch.save's RuntimeError would hide why (disk full)."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -221,8 +216,7 @@ def file_fingerprint(path, block=1 << 20):
 
 
 def download(url, dest, md5):
-    """url -> dest, md5-checked (torch.hub's downloader: a progress bar, a temporary file until complete); a
-    failure leaves nothing behind and is one error."""
+    """url -> dest, md5-checked, through torch.hub's downloader; a failure leaves nothing behind and is one error."""
     tmp = dest + ".part"
     try:
         torch.hub.download_url_to_file(url, tmp)
@@ -289,11 +283,8 @@ def npz_array(path, name):
             local = f.read(30)
             f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") +
                    int.from_bytes(local[28:30], "little"))
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-            if read_header is None:  # a newer .npy version: let numpy read it
-                with np.load(path) as data:
-                    return data[name]
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,  # a newer version: KeyError, one line
+                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
         if math.prod(shape) == 0:
@@ -307,9 +298,8 @@ def npz_array(path, name):
 # Long jobs: one job per output folder, and every rank told what rank 0 decided.
 
 class FolderLock:
-    """An exclusive lock on a folder: `<folder>/lock`, held with flock while the job runs and naming its
-    pid and host. A second job is refused in one line; a lock left by a dead process is not held (the
-    kernel drops a dead process's flock), so the next job takes it over."""
+    """`<folder>/lock`, flock-held while the job runs and naming its pid and host: a second job is refused in one
+    line; the kernel drops a dead process's flock, so the next job takes the folder over."""
 
     def __init__(self, folder, what):
         os.makedirs(folder, exist_ok=True)
@@ -327,8 +317,7 @@ class FolderLock:
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
                 break
             self.file.close()  # the holder removed the file as we opened it: lock the new one
-        self.file.seek(0)
-        self.file.truncate()
+        self.file.truncate(0)  # (append mode: the write lands at the new end)
         self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}")
         self.file.flush()
 
@@ -342,9 +331,7 @@ class FolderLock:
 
 def setup_distributed(device="auto", timeout_s=1800):
     """(rank, world size, device): one process on `device` ('auto': the GPU if any), or under torchrun its process
-    group (nccl on GPUs, gloo on CPUs) and the rank's GPU. A collective that waits longer than timeout_s (a rank
-    died or hangs) fails instead of blocking the other ranks forever. Keys in torchrun's store are prefixed by the
-    restart attempt: a group restarted by --max-restarts must not read the addresses its dead predecessors left."""
+    group (nccl / gloo) and the rank's GPU. A collective waiting past timeout_s (a rank died) fails, not hangs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -352,6 +339,7 @@ def setup_distributed(device="auto", timeout_s=1800):
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout)
+    # a group restarted by --max-restarts must not read the addresses its dead predecessors left in the store
     store = dist.PrefixStore(f"randar/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
                             world_size=world, timeout=timeout)
@@ -415,9 +403,8 @@ probability = in_range(float, 0, 1, open_high=True)
 
 
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
-    """A script's entry point: the thread count the environment set (torchrun sets one per worker) or
-    every core, and any expected failure as one line `error: ...` with exit status 1. Under torchrun a
-    failed collective (another rank died, or stalled past the process-group timeout) is one line too."""
+    """A script's entry point: the threads the environment set (torchrun: per worker), else every core; an expected
+    failure, or under torchrun a failed collective (a rank died or stalled), is one line `error: ...`, status 1."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     try:

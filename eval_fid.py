@@ -145,8 +145,7 @@ class FIDInception(nn.Module):
 
     def forward(self, images):
         """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008)."""
-        x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        x = 2 * F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -162,11 +161,9 @@ def load_inception(path=None, device="cpu"):
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
+            try:  # a hash mismatch (RuntimeError) or no connection: the partial file is already gone
                 torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=os.path.basename(path)[-12:-4])
-            except RuntimeError as e:  # hash mismatch: the partial file is already gone
-                raise ValueError(f"Inception weights download failed: {e}") from None
-            except OSError as e:  # offline, refused, ...
+            except (RuntimeError, OSError) as e:
                 raise OSError(f"cannot download the Inception weights from {WEIGHTS_URL} ({getattr(e, 'reason', e)}); "
                               f"fetch the file elsewhere and pass --inception PATH") from None
     if not os.path.isfile(path):
@@ -339,18 +336,15 @@ def fashion_classifier(data_dir=None):
     return model.eval()
 
 
-def score_fashion_npz(path, data_dir):
-    if "arr_1" not in common.npz_names(path):
-        raise ValueError(f"{path} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
-    return fashion_scores(fashion_classifier(data_dir), load_images(path), common.npz_array(path, "arr_1"), data_dir)
-
-
 def main(args):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.json:
         common.check_output(args.json)
     if args.ref == "fashion-mnist":
-        return report(score_fashion_npz(args.samples, args.data_dir), args.json)
+        if "arr_1" not in common.npz_names(args.samples):
+            raise ValueError(f"{args.samples} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
+        return report(fashion_scores(fashion_classifier(args.data_dir), load_images(args.samples),
+                                     common.npz_array(args.samples, "arr_1"), args.data_dir), args.json)
     images = [load_images(path) for path in (args.samples, args.ref)]  # both checked before Inception loads
     model = load_inception(args.inception, args.device)
     (f1, logits), (f2, _) = (inception_outputs(model, x, args.batch_size, args.device) for x in images)

@@ -339,11 +339,12 @@ def written_out_and_frozen():
 
 def benchmark(model, sizes=(64, 256), batches=(1, 32), cfg_scale=(1.0, 4.0), compile=False, repeats=3,
               context=contextlib.nullcontext()):
-    """Markdown rows: ms and images / s of eager / compiled decoding, one token per step / the paper's 88-of-256
-    ratio, per size N (another than the model's decodes on an extrapolation grid) and batch. Interleaved rounds
-    after a warm-up one, medians: a noisy moment slows every row."""
+    """Markdown rows: ms and images / s of eager / compiled decoding, one token per step / the paper's 88-of-256 ratio,
+    per size N and batch; peak GPU memory. Medians of interleaved rounds after a warm-up: noise slows every row."""
     device = model.rope.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     rows = ["| N | batch | decoding | steps | ms / image | images / s |", "|---|---|---|---|---|---|"]
     for N, batch in itertools.product(sizes, batches):
         labels = torch.arange(batch, device=device) % model.config.num_classes
@@ -361,4 +362,6 @@ def benchmark(model, sizes=(64, 256), batches=(1, 32), cfg_scale=(1.0, 4.0), com
             seconds = statistics.median(t[1:]) / batch  # the first round warmed up (and compiled)
             kind = f"{'compiled' if compiled else 'eager'}, {'1 token/step' if steps == N else 'parallel'}"
             rows.append(f"| {N} | {batch} | {kind} | {steps} | {1000 * seconds:.2f} | {1 / seconds:.1f} |")
+    if device.type == "cuda":
+        rows.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return rows

@@ -104,13 +104,9 @@ PRESETS = {
 # pairs; the first hd/4 pairs rotate with the row, the next hd/4 with the column.
 
 def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
-    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
-
-    Resolution extrapolation (docs/algorithm.md §8, NTK-style): with scale < 1 the coordinates of all but
-    the `ntk_boundary` highest frequencies (per half: rows, columns) are multiplied by `scale`
-    (interpolated); the highest ones keep the raw coordinate (extrapolated), so fine detail keeps
-    the rotation speed it was trained with while the coarse layout stays inside the trained range.
-    """
+    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros. Resolution
+    extrapolation (docs/algorithm.md §8, NTK-style): scale < 1 interpolates the coordinates of all but the
+    `ntk_boundary` highest frequencies of each half, which keep the raw coordinate (fine detail keeps its speed)."""
     if ntk_boundary < 0:
         raise ValueError(f"ntk_boundary must be >= 0, got {ntk_boundary}")
     freqs = base ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
@@ -357,9 +353,8 @@ class RandAR(nn.Module):
     # ---- the cached forward that generate.py drives (docs/algorithm.md §4) ----------------------
 
     def setup_caches(self, batch, slots, dtype, device):
-        """K/V caches for at least `batch` rows and `slots` slots, kept until free_caches(). Kept, and grown,
-        never shrunk: decoding calls of other batch sizes or grids use their first rows and slots, so a
-        compiled step sees the same buffers at every call (slots a call reads but has not written are masked)."""
+        """K/V caches for at least `batch` rows and `slots` slots, grown but never shrunk until free_caches(): smaller
+        calls use the first rows and slots, so a compiled step sees the same buffers at every call."""
         old = self.layers[0].attention.kv_cache
         if old is not None and (old.k.dtype, old.k.device) == (dtype, device):
             if old.k.size(0) >= batch and old.k.size(2) >= slots:
@@ -397,17 +392,16 @@ class RandAR(nn.Module):
     # ---- bi-directional features (docs/algorithm.md §9) ------------------------------------------
 
     @torch.no_grad()
-    def features(self, tokens, labels=None, kind="bidirectional"):
+    def features(self, tokens, kind="bidirectional"):
         """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout), after the last block
-        and the final norm. 'bidirectional': the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then
-        PI(p) for every p again, read at that second pass (it has seen every token); 'causal': one raster pass
-        read at E(t_p). labels None: the null class (the features are not told the answer)."""
+        and the final norm, under the null class (the features are not told the answer). 'bidirectional': the whole
+        image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then PI(p) for every p again, read at that second pass
+        (it has seen every token); 'causal': one raster pass read at E(t_p)."""
         B, N = tokens.shape
         if kind not in ("bidirectional", "causal") or N != self.config.block_size:
             raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
                              f"got {kind!r} and {tuple(tokens.shape)}")
-        labels = torch.full((B,), self.config.num_classes, device=tokens.device) if labels is None \
-            else check_labels(labels, self.config.num_classes, tokens.device, allow_null=True)
+        labels = torch.full((B,), self.config.num_classes, device=tokens.device)
         order = torch.arange(N, device=tokens.device).expand(B, N)
         x, rope = self.pairs(order, tokens, self.rope)
         if kind == "bidirectional":  # second pass: PI(0) ... PI(N-1)

@@ -12,8 +12,7 @@ r"""Sample from a trained RandAR: the figures, zero-shot editing, the FID protoc
         --config randar_xl_0.7b_llamagen.yaml --vq-ckpt vq_ds16_c2i.pt --per-class 50 --out-npz samples.npz
 
 Every image comes from generate.generate: the order, the number of steps and the known tokens (editing,
-docs/algorithm.md §7) are its arguments. Sections: loading, the FID protocol's sampler, figures, editing,
-the benchmark, the command line.
+docs/algorithm.md §7) are its arguments. Sections: loading, the FID protocol's sampler, figures, editing, commands.
 """
 import argparse
 import hashlib
@@ -21,10 +20,8 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -130,22 +127,18 @@ def sample_to_npz(model, vq, labels, args):
             if ".tmp" in name:
                 os.remove(os.path.join(parts, name))
         common.remove_stale_temps(args.out_npz)
-        check_settings(parts, run_settings(model, labels, args))
+        check_settings(parts, model, labels, args)
         return [c for c in range(n_chunks) if not os.path.exists(chunk_path(parts, c))]
     try:
         todo = common.rank0_decides(start, args.rank)
         if args.rank == 0 and len(todo) < n_chunks:
             print(f"{parts}: {n_chunks - len(todo)} of {n_chunks} chunks already on disk, {len(todo)} to make")
         bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), unit="chunk", desc="sampling", disable=args.rank != 0)
-        t0, found = time.time(), n_chunks - len(todo)
         for c in todo[args.rank::args.world]:  # the missing chunks, shared round-robin by the ranks
             chunk = labels[c * args.batch_size:(c + 1) * args.batch_size].to(args.device)
             images = generate_batched(model, vq, chunk, args, first_chunk=c, desc=None)[1]
             common.save_atomic_npz(chunk_path(parts, c), images=images.permute(0, 2, 3, 1).numpy())
-            if args.rank == 0:  # progress over every rank's chunks: count the files
-                on_disk = sum(bool(re.fullmatch(r"chunk_\d+\.npz", n)) for n in os.listdir(parts))
-                bar.update(on_disk - bar.n)
-                bar.set_postfix(images_s=f"{(on_disk - found) * args.batch_size / (time.time() - t0):.1f}")
+            bar.update(min(args.world, n_chunks - bar.n))  # the other ranks make theirs alongside
         bar.close()
         if args.world > 1:
             dist.barrier()  # every chunk is on disk
@@ -158,22 +151,19 @@ def sample_to_npz(model, vq, labels, args):
             lock[0].release()
 
 
-def run_settings(model, labels, args):
-    """Everything that decides a chunk's images (not the number of processes), as the flags name it."""
+def check_settings(parts, model, labels, args):
+    """Everything that decides a chunk's images (not the number of processes), as the flags name it: written
+    beside the first chunks, and compared on every rerun."""
     settings = {"--ckpt contents": common.file_fingerprint(args.ckpt),
                 "model config": asdict(model.config), "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
                 "device type": args.device.type, "--cfg": args.cfg, "--steps": args.steps, "--order": args.order,
                 "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
                 "--seed": args.seed, "--batch-size": args.batch_size, "labels (--classes, --per-class)":
                 hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]}
-    return json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
-
-
-def check_settings(parts, settings):
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     path = os.path.join(parts, "settings.json")
     if not os.path.exists(path):
-        common.write_atomic(lambda f: f.write(json.dumps(settings, indent=1).encode()), path)
-        return
+        return common.write_atomic(lambda f: f.write(json.dumps(settings, indent=1).encode()), path)
     try:
         with open(path) as f:
             recorded = json.load(f)
@@ -221,7 +211,7 @@ def animate(model, vq, args):
     N, grid_size, down = model.config.block_size, model.config.grid, vq.config.downsample
     label = torch.tensor(check_classes([args.class_], model), device=args.device)
     movies = []
-    for kind, steps in [("raster", N), ("random", N), (args.order, round(N * 88 / 256)), (args.order, N // 4)]:
+    for kind, steps in [("raster", N), ("random", N), ("random", round(N * 88 / 256)), ("random", N // 4)]:
         g = torch.Generator(args.device).manual_seed(args.seed)
         order = make_order(kind, 1, N, args.device, g)  # drawn here: every frame knows which positions are filled
         counts = []
@@ -320,12 +310,9 @@ def edit(model, vq, args):
 
 
 def extrapolate(model, vq, args):
-    """Zero-shot resolution extrapolation (docs/algorithm.md §8): a factor-times larger token grid.
-
-    First an ordinary sample at the training grid g (in --order, --steps); its tokens become the
-    known tokens at positions (f*r, f*c) of the G = f*g grid; the rest is generated in random order
-    with the NTK-mixed RoPE table and spatial CFG. Figure: base (upscaled) next to its extrapolation.
-    """
+    """Zero-shot resolution extrapolation (docs/algorithm.md §8): a sample at the training grid g gives the known
+    tokens at (f*r, f*c) of the G = f*g grid; the rest is generated in random order with the NTK-mixed RoPE and
+    spatial CFG. Figure: each base (upscaled) next to its extrapolation."""
     f, g = args.factor, model.config.grid
     labels = torch.tensor(check_classes(args.classes, model), device=args.device).repeat_interleave(args.per_class)
     base, base_images = generate_batched(model, vq, labels, args, desc="base")
@@ -338,19 +325,6 @@ def extrapolate(model, vq, args):
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)  # base, extrapolated, base, extrapolated, ...
     save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
                                   col_labels=["base", "extrapolated"] * args.per_class), args.out or default_out(args))
-
-
-# ----------------------------------------------------------------------------------------------
-# The benchmark (generate.benchmark): random weights of a preset, or a checkpoint's.
-
-def bench(model, args):
-    print(f"{model.config.dim}-wide, {model.config.n_layer} layers, device {args.device}, CFG {args.cfg}, "
-          f"median of {args.repeats} interleaved rounds")
-    if args.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    print("\n".join(benchmark(model, args.sizes, (1, args.bench_batch), args.cfg, args.compile, args.repeats, args.ctx)))
-    if args.device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +348,10 @@ def main(args):
         args.ckpt = args.ckpt or (None if args.command == "bench" and args.preset else "runs/demo/last.pt")
         if args.command == "bench":  # no tokenizer needed; --preset without --ckpt: random weights of that size
             model = RandAR(PRESETS[args.preset]) if args.ckpt is None else load_model(args.ckpt, args.config, args.preset)[0]
-            return bench(model.to(args.device).eval(), args)
+            print(f"{model.config.dim}-wide, {model.config.n_layer} layers, device {args.device}, CFG {args.cfg}")
+            print("\n".join(benchmark(model.to(args.device).eval(), args.sizes, (1, args.bench_batch), args.cfg,
+                                      args.compile, args.repeats, args.ctx)))
+            return
         model, vq = load_run(args)
         if getattr(args, "steps", None) is not None and args.steps > model.config.block_size:
             raise ValueError(f"--steps must be between 1 and {model.config.block_size} (the number of tokens), "
@@ -424,8 +401,7 @@ def get_parser():
     add(every, "--cfg", type=number_pair, default=common.DEFAULT_CFG, help="START,END of the linear CFG schedule")
     add("bench", "--bench-batch", type=common.positive_int, default=32, help="the batch measured beside batch 1")
     add("bench", "--repeats", type=common.positive_int, default=3)
-    add("bench", "--sizes", type=square_list, default=[64, 256], help="tokens N per size, squares (another size "
-        "than the model's decodes on an extrapolation grid: the same cost)")
+    add("bench", "--sizes", type=square_list, default=[64, 256], help="tokens N per image (squares; any grid size)")
     add(images, "--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
     add(images, "--out", default=None, help="figure to write (default: beside the checkpoint)")
     add(images, "--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
@@ -433,10 +409,9 @@ def get_parser():
     add(images, "--top-k", type=common.non_negative_int, default=0)
     add(images, "--top-p", type=common.in_range(float, 0, 1, open_low=True), default=1.0)
     add(images, "--batch-size", type=common.positive_int, default=100, help="images per generate() call")
-    add("grid animate inpaint outpaint extrapolate", "--order", default="random",
-        choices=["random", "raster"], help="animate: the order of its parallel rows")
+    add("grid inpaint outpaint extrapolate", "--order", default="random", choices=["random", "raster"])
     add("grid inpaint outpaint extrapolate", "--steps", type=common.positive_int, default=None,
-        help="decoding steps; fewer than N = parallel (default: N, or a release YAML's num_inference_steps)")
+        help="decoding steps, fewer than N: parallel (default: N, or a release YAML's num_inference_steps)")
     add("grid extrapolate", "--per-class", type=common.positive_int, default=8, help="images per class")
     add("grid compare extrapolate", "--classes", type=class_list, default=None, help="comma list (default: all)")
     add("grid", "--out-npz", default=None, help="write images (uint8 NHWC, arr_0) and labels (arr_1)")
@@ -450,8 +425,8 @@ def get_parser():
     add("extrapolate", "--factor", type=common.in_range(int, 2), default=2, help="times the training grid")
     add("extrapolate", "--extrapolate-steps", type=common.positive_int, default=None, help="steps for the new tokens")
     add("extrapolate", "--spatial-cfg", type=number_pair, default=(1.0, 2.0), help="START,END of spatial CFG")
-    add("extrapolate", "--ntk-boundary", type=common.non_negative_int, default=None, help="highest RoPE "
-        "frequencies that keep raw coordinates (default: 2 for base 10000 and head dim >= 64, as the releases; else 0)")
+    add("extrapolate", "--ntk-boundary", type=common.non_negative_int, default=None,
+        help="highest RoPE frequencies that keep raw coordinates (default: generate.default_ntk_boundary)")
     return p
 
 

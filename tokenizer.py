@@ -291,8 +291,7 @@ FASHION_MD5 = {  # checksums of the official files
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]  # Debian package dataset-fashion-mnist
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = 10  # T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -370,7 +369,7 @@ def open_dataset(data, split="train", data_dir=None, image_size=32):
         if image_size != 32:
             raise ValueError(f"--image-size must be 32 for fashion-mnist, got {image_size}")
         images, labels = fashion_mnist(split, data_dir)
-        return torch.utils.data.TensorDataset(images, labels), len(FASHION_CLASSES)
+        return torch.utils.data.TensorDataset(images, labels), FASHION_CLASSES
     # data/<split>/<class>/... (ImageNet calls its held-out split "val"), else data/<class>/...
     sub = next((os.path.join(data, s) for s in [split] + (["val"] if split == "test" else [])
                 if os.path.isdir(os.path.join(data, s))), data)
@@ -388,11 +387,10 @@ def to_uint8(pixels):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training (train.py's first stage, or `python tokenizer.py train`)
+# Training (train.py's first stage)
 
 def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=600,
-                    batch_size=64, lr=2e-3, flip=False, reinit_every=200, image_every=500, seed=0, device="cpu",
-                    workers=0):
+                    batch_size=64, lr=2e-3, reinit_every=200, image_every=500, seed=0, device="cpu", workers=0):
     """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt; returns its
     path. `workers` DataLoader processes decode the images (ImageFolder) while the model trains."""
     torch.manual_seed(seed)
@@ -412,8 +410,6 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     t0, bar, batches = time.time(), tqdm(range(steps), desc="tokenizer"), (b for _ in itertools.count() for b in loader)
     for step in bar:  # one batch per step, epoch after epoch
         x = to_pixels(next(batches)[0], device)
-        if flip:
-            x = torch.where((torch.rand(x.size(0), 1, 1, 1) < 0.5).to(device), x.flip(-1), x)
         for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
             group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         model.train()
@@ -485,11 +481,3 @@ def evaluate(model, dataset, batch_size=256, workers=0):
 
 def limited(dataset, limit):
     return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-
-
-def loader_workers(data, workers=None):
-    """DataLoader processes for reading images: as asked, else none for the in-memory Fashion-MNIST and up
-    to 8 for an ImageFolder, whose JPEG decoding would otherwise starve the device."""
-    if workers is not None:
-        return workers
-    return 0 if data == "fashion-mnist" else min(8, os.cpu_count() or 1)

@@ -47,10 +47,11 @@ def learning_rate(step, args):
 
 
 def prepare_tokens(args, rank, world, device):
-    """Tokenizer checkpoint (trained here if missing, on rank 0) and the cached token files of both splits,
-    each encoded by all ranks together (encode_split) and refused if made from other inputs. Both stages
-    run on the rank's device."""
+    """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits, encoded by all
+    ranks together on their devices (encode_split), refused if made from other inputs."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
+    if args.workers is None:  # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
+        args.workers = 0 if args.data == "fashion-mnist" else min(8, os.cpu_count() or 1)
     data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
@@ -61,16 +62,14 @@ def prepare_tokens(args, rank, world, device):
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
     for split, path in files.items():
-        flip = args.flip and split == "train"
         if not os.path.exists(path):
-            encode_split(ckpt, split, path, flip=flip, rank=rank, world=world, device=device, workers=args.workers,
-                         **data)
+            encode_split(ckpt, split, path, rank=rank, world=world, device=device, workers=args.workers, **data)
             barrier()
             if rank == 0 and world > 1:
                 join_parts(path, world)
             barrier()
         cache = common.load_torch_file(path, "token file")
-        wanted = encode_source(ckpt, split=split, flip=flip, **{k: v for k, v in data.items() if k != "data_dir"})
+        wanted = encode_source(ckpt, split=split, **{k: v for k, v in data.items() if k != "data_dir"})
         if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
             raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
                              f"another --out-dir")
@@ -82,31 +81,27 @@ def prepare_tokens(args, rank, world, device):
 # The token cache: every image encoded once, split over the ranks.
 
 @torch.no_grad()
-def encode_dataset(model, dataset, flip=False, batch_size=256, show_progress=True, workers=0):
-    """Token grids of every image, then of every horizontal flip -> tokens (M, h*w) int16/int32, labels (M,), on the
-    model's device in fp32 (lower precision could move a latent to another nearest code)."""
-    views = [[] for _ in range(1 + flip)]
-    labels = []
-    device = model.device
+def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0):
+    """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), on the model's device in fp32 (lower
+    precision could move a latent to another nearest code)."""
+    tokens, labels, device = [], [], model.device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
-        x = tok.to_pixels(images, device)
-        for out, view in zip(views, [x, x.flip(-1)]):
-            out.append(model.encode(view).flatten(1).cpu())
+        tokens.append(model.encode(tok.to_pixels(images, device)).flatten(1).cpu())
         labels.append(torch.as_tensor(y))
     dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
-    return [torch.cat(v).to(dtype) for v in views], torch.cat(labels)
+    return torch.cat(tokens).to(dtype), torch.cat(labels)
 
 
-def encode_source(ckpt, data, split, image_size, limit, flip):
+def encode_source(ckpt, data, split, image_size, limit):
     """What a token file was made from; train.py refuses a cache made from something else."""
-    return {"data": data, "split": split, "image_size": image_size, "limit": limit, "flip": flip,
+    return {"data": data, "split": split, "image_size": image_size, "limit": limit,
             "tokenizer": common.file_fingerprint(ckpt)}
 
 
-def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, flip=False,
-                 rank=0, world=1, device="cpu", workers=0):
+def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, rank=0, world=1,
+                 device="cpu", workers=0):
     """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into its own
     part file, and rank 0 joins the parts in order (join_parts): the same file for any number of ranks."""
     model = tok.load_tokenizer(ckpt, device)
@@ -114,24 +109,19 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
     dataset = tok.limited(dataset, limit)
     tok.check_fits(model.config, dataset)
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
-    views, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), flip,
-                                   show_progress=rank == 0, workers=workers)
-    header = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
-              "tokenizer": os.path.abspath(ckpt), "source": encode_source(ckpt, data, split, image_size, limit, flip)}
-    if world == 1:
-        common.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
-    else:
-        common.save_atomic({**header, "views": views, "labels": labels}, f"{out}.part{rank}of{world}")
+    tokens, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), show_progress=rank == 0,
+                                    workers=workers)
+    source = encode_source(ckpt, data, split, image_size, limit)
+    common.save_atomic({"num_classes": num_classes, "vocab_size": model.config.codebook_size, "source": source,
+                        "tokenizer": os.path.abspath(ckpt), "tokens": tokens, "labels": labels},
+                       out if world == 1 else f"{out}.part{rank}of{world}")
 
 
 def join_parts(out, world):
-    """Rank 0, after every rank's encode_split: the part files -> one token file (originals, then flips)."""
+    """Rank 0, after every rank's encode_split: the part files -> one token file, in rank order."""
     names = [f"{out}.part{r}of{world}" for r in range(world)]
     parts = [common.load_torch_file(n, "token part file") for n in names]
-    labels = torch.cat([p["labels"] for p in parts])
-    views = [torch.cat([p["views"][v] for p in parts]) for v in range(len(parts[0]["views"]))]
-    header = {k: v for k, v in parts[0].items() if k not in ("views", "labels")}
-    common.save_atomic({**header, "tokens": torch.cat(views), "labels": labels.repeat(len(views))}, out)
+    common.save_atomic({**parts[0], **{k: torch.cat([p[k] for p in parts]) for k in ("tokens", "labels")}}, out)
     for n in names:
         os.remove(n)
 
@@ -191,9 +181,6 @@ def main(args):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not os.access(args.out_dir, os.W_OK):
-        raise PermissionError(f"--out-dir {args.out_dir} is not writable")
     lock = []  # one job per folder: two would overwrite each other's checkpoints
     common.rank0_decides(lambda: lock.append(common.FolderLock(args.out_dir, "--out-dir")), rank)
     try:
@@ -212,7 +199,6 @@ def run_training(args, rank, world, device):
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU matmuls in TF32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    args.workers = tok.loader_workers(args.data, args.workers)
     resume, ckpt = find_checkpoint(args, is_main)
     global_batch = args.batch_size * world * args.grad_accum
     if is_main:
@@ -244,15 +230,15 @@ def run_training(args, rank, world, device):
                                            ctx, log.window_loss)
             log.after_step(run.step, lr, grad_norm, run.last)
             if run.step % args.eval_every == 0 or run.step == args.steps:
-                log.validation(run.step, validation_loss(run.sampling_model, data["test"], args, device, ctx))
+                log.validation(run.step, validation_loss(run.ema or run.model, data["test"], args, device, ctx))
             if is_main and ((args.sample_every and run.step % args.sample_every == 0) or run.step == args.steps):
-                sample_grid(run.sampling_model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
+                sample_grid(run.ema or run.model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
             if run.step % args.ckpt_every == 0 or run.step == args.steps:
                 run.save()
             barrier()
         if run.batch_in_epoch >= per_epoch:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-    log.close()
+    log.bar.close()
     if is_main:
         print(f"done: {run.step} steps; checkpoint {run.last}, samples {os.path.join(args.out_dir, 'samples.png')}")
 
@@ -304,10 +290,6 @@ class Run:
         self.forward = torch.compile(self.ddp, dynamic=False) if args.compile else self.ddp
         self.ddp.train()
 
-    @property
-    def sampling_model(self):
-        return self.ema or self.model
-
     def restore(self, ckpt, path):
         if RandARConfig.from_dict(ckpt["config"]) != self.cfg:
             raise ValueError(f"{path} was trained with another config; use a new --out-dir")
@@ -353,7 +335,7 @@ class Run:
         return lr, grad_norm
 
     def save(self):
-        """last.pt (and step_*.pt, the last --keep of them), written by rank 0 with every rank's random state."""
+        """last.pt, written by rank 0 with every rank's random state."""
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda"
                                                  else {})}
         rngs = gather(rng, self.world)
@@ -369,11 +351,6 @@ class Run:
                 "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
                 "tokenizer": os.path.abspath(self.vq_path), "args": vars(args)}
         common.save_atomic(ckpt, self.last)
-        if args.keep > 0:
-            common.save_atomic(ckpt, os.path.join(args.out_dir, f"step_{self.step:07d}.pt"))
-            kept = sorted(f for f in os.listdir(args.out_dir) if f.startswith("step_") and f.endswith(".pt"))
-            for old in kept[:-args.keep]:
-                os.remove(os.path.join(args.out_dir, old))
 
 
 def gather(obj, world):
@@ -392,7 +369,6 @@ class Log:
         self.args, self.is_main, self.world, self.tokens_per_step = args, is_main, world, tokens_per_step
         self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.window_steps, self.t_last = 0, time.time()
-        self.metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if is_main else None
         self.bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
 
     def after_step(self, step, lr, grad_norm, last):
@@ -424,26 +400,19 @@ class Log:
             self.bar.write(f"step {step}: val loss {val:.4f} nats/token")
 
     def write(self, record):
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-
-    def close(self):
-        self.bar.close()
-        if self.metrics:
-            self.metrics.close()
+        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--preset", default="demo", choices=PRESETS)
-    p.add_argument("--order", default="random", choices=["random", "raster"],
-                   help="raster = the LlamaGen-style baseline the paper compares with")
+    p.add_argument("--order", default="random", choices=["random", "raster"], help="raster: the LlamaGen baseline")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
     p.add_argument("--image-size", type=common.positive_int, default=32)
     p.add_argument("--limit", type=common.non_negative_int, default=0, help="use only the first N images of each split")
-    p.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
     p.add_argument("--tokenizer-steps", type=common.positive_int, default=600)
     # The demo's defaults: 2000 steps at batch 32, not 1000 at 64 -- the same images and CPU time, twice the
@@ -456,15 +425,12 @@ def get_parser():
     p.add_argument("--warmup-steps", type=common.non_negative_int, default=200)
     p.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
     p.add_argument("--clip", type=common.positive_number, default=1.0)
-    p.add_argument("--ema", type=common.probability, default=0.999,
-                   help="EMA decay of the sampling weights (0: off); capped by a (1+t)/(10+t) ramp early on")
+    p.add_argument("--ema", type=common.probability, default=0.999, help="EMA decay of the sampling weights (0: off)")
     p.add_argument("--dropout", type=common.probability, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (on CPU: needs a C compiler)")
-    p.add_argument("--workers", type=common.non_negative_int, default=None,
-                   help="DataLoader processes for the tokenizer stages (default: 0 for fashion-mnist, else min(8, cores))")
-    p.add_argument("--dist-timeout", type=common.positive_number, default=1800,
-                   help="seconds a rank waits at a collective for the others before it stops with an error")
+    p.add_argument("--workers", type=common.non_negative_int, default=None, help="DataLoader processes reading images")
+    p.add_argument("--dist-timeout", type=common.positive_number, default=1800, help="seconds to wait for other ranks")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: <out-dir>/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=common.positive_int, default=10)
@@ -472,10 +438,8 @@ def get_parser():
     p.add_argument("--val-limit", type=common.positive_int, default=2000, help="held-out images for the validation loss")
     p.add_argument("--sample-every", type=common.non_negative_int, default=0, help="0: only at the end")
     p.add_argument("--samples-per-class", type=common.positive_int, default=10)
-    p.add_argument("--cfg", type=common.non_negative_number, default=common.DEFAULT_CFG[1],
-                   help="CFG scale at the end of the linear schedule (samples)")
+    p.add_argument("--cfg", type=common.non_negative_number, default=common.DEFAULT_CFG[1], help="final CFG of samples")
     p.add_argument("--ckpt-every", type=common.positive_int, default=200)
-    p.add_argument("--keep", type=common.non_negative_int, default=2, help="also keep the last K step_*.pt checkpoints")
     return p
 
 
