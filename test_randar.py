@@ -322,7 +322,7 @@ def model_compiled_once():
     return random_gpt(seed=8)
 
 
-@pytest.mark.parametrize("kw", [dict(steps=3, cfg_scale=(1.0, 3.0)), dict(steps=4, known=True),
+@pytest.mark.parametrize("kw", [dict(steps=3, cfg_scale=(1.0, 3.0)),
                                 dict(steps=7, grid=8, known=True, spatial_cfg_scale=(1.0, 2.0))])
 def test_compiled_decoding_gives_the_eager_tokens(model_compiled_once, kw):
     """The real compiled step (reused across cases: new lengths and cache sizes recompile) against eager:
@@ -357,16 +357,18 @@ def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
         assert torch.equal(draw(labels, steps, True), draw(labels, steps, False))
     warm = counters["stats"]["unique_graphs"]
     assert 2 <= warm - before <= 8
-    for steps, labels in itertools.product((40, 100, 64, 7), batches):
+    for steps, labels in itertools.product((40, 7), batches):
         draw(labels, steps, True)
     assert counters["stats"]["unique_graphs"] == warm
 
 
-def test_compiled_decoding_follows_weights_loaded_after_compiling():
+def test_compiled_decoding_follows_weights_loaded_after_compiling(model_compiled_once):
     """On the CPU the compiled step holds the weights as constants (freezing): weights loaded into the
-    model afterwards must reach it (same generator: the eager tokens of the new weights)."""
-    model, labels = random_gpt(seed=9), torch.tensor([3, 6])
-    draw = lambda compiled: generate(model, labels, steps=4, compile=compiled, generator=torch.Generator().manual_seed(0))
+    model afterwards must reach it (same generator: the eager tokens of the new weights). The shared model's
+    last test (it keeps the new weights), on the first case's shapes: only the new weights compile."""
+    model, labels = model_compiled_once, torch.tensor([3, 6])
+    draw = lambda compiled: generate(model, labels, steps=3, cfg_scale=(1.0, 3.0), compile=compiled,
+                                     generator=torch.Generator().manual_seed(0))
     old_tokens = draw(True)
     model.load_state_dict(random_gpt(seed=10).state_dict())
     new_tokens = draw(False)
@@ -863,9 +865,11 @@ def test_a_rank_killed_mid_training_restarts_from_last_checkpoint_identically(dd
                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     while len(workers := child_pids(agent.pid)) < 2:
         assert agent.poll() is None, agent.communicate()[1][-2000:]
+        time.sleep(0.01)  # (a busy loop would take a core from the workers)
     os.mkfifo(os.path.join(out, f"step_0000004.tmp{workers[0]}.pt"))
     while not (os.path.exists(os.path.join(out, "last.pt")) and weights(out)["step"] == 4):
         assert agent.poll() is None, agent.communicate()[1][-2000:]
+        time.sleep(0.01)
     os.kill(workers[1], signal.SIGKILL)
     stdout, err = agent.communicate(timeout=600)
     assert agent.returncode == 0 and "resumed from" in stdout and "at step 4" in stdout, err[-3000:]
@@ -893,6 +897,7 @@ def test_a_stalled_rank_makes_the_others_stop_after_the_timeout(tmp_path):
     try:
         while not os.path.exists(os.path.join(out, "last.pt")):  # training is under way
             assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+            time.sleep(0.01)
         os.kill(procs[1].pid, signal.SIGSTOP)
         _, err = procs[0].communicate(timeout=300)
     finally:
@@ -1382,15 +1387,12 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path):
     torch.save(eval_fid.FIDInception().state_dict(), weights)
     images = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 1), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(10))
-    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--inception", weights, "--json",
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=np.ones(2048), sigma=np.eye(2048) * 7)  # its images are used
+    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights, "--json",
             tmp_path / "m.json", "--batch-size", 4)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "m.json"))
     assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["is_mean"] >= 1.0
-    np.savez(tmp_path / "adm.npz", arr_0=images, mu=np.ones(2048), sigma=np.eye(2048) * 7)
-    assert cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights, "--json",
-               tmp_path / "m2.json") is None
-    assert abs(json.load(open(tmp_path / "m2.json"))["fid"]) < 1e-3
 
 
 def test_eval_fid_command_line_errors_are_one_line(tmp_path):
