@@ -992,7 +992,7 @@ def kill_when(cmd, condition):
     """Start cmd, SIGKILL it as soon as condition() holds; True if it was killed (not finished first)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not condition():
-        time.sleep(0.002)
+        time.sleep(0.005)
     proc.kill()
     return proc.wait() == -signal.SIGKILL
 
@@ -1006,12 +1006,12 @@ def assert_same_weights(a, b):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = synthetic_run_dir(tmp_path / "straight"), synthetic_run_dir(tmp_path / "killed")
-    args = ["--steps", 60, "--ckpt-every", 10]  # random order and dropout: RNG state matters
+    args = ["--steps", 30, "--ckpt-every", 5]  # random order and dropout: RNG state matters
     assert run("train.py", *tiny_train_args(straight, *args)).returncode == 0
     cmd = [sys.executable, os.path.join(HERE, "train.py"), *map(str, tiny_train_args(killed, *args))]
     metrics = os.path.join(killed, "metrics.jsonl")
-    assert kill_when(cmd, lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25)
-    assert weights(killed)["step"] < 60
+    assert kill_when(cmd, lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 12)
+    assert weights(killed)["step"] < 30
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     assert_same_weights(weights(straight), weights(killed))
@@ -1022,7 +1022,7 @@ def test_resume_is_exact_after_a_kill_at_every_stage(tmp_path):
     each kill: it ends with the weights of an uninterrupted run, bit for bit."""
     def command(out):
         return [sys.executable, os.path.join(HERE, "train.py"), "--out-dir", str(out), "--limit", "256",
-                "--tokenizer-steps", "12", "--steps", "8", "--batch-size", "16", "--preset", "tiny", "--val-limit", "32",
+                "--tokenizer-steps", "4", "--steps", "8", "--batch-size", "16", "--preset", "tiny", "--val-limit", "32",
                 "--ckpt-every", "2", "--eval-every", "4", "--samples-per-class", "1", "--log-every", "1"]
     straight, out = tmp_path / "straight", tmp_path / "killed"
     assert subprocess.run(command(straight), capture_output=True).returncode == 0
@@ -1094,9 +1094,10 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     assert "was encoded from" in message, message
 
 
-def test_miniature_imagenet_through_torchrun(tmp_path, capsys):
+def test_miniature_imagenet_through_torchrun(tmp_path):
     """The paper-scale path in miniature: 1000 classes of RGB images, 2 processes for training (tokenizer,
-    rank-split encoding, DDP) and for sampling; the npz does not depend on the number of processes."""
+    rank-split encoding, DDP) and for sampling; the npz does not depend on the number of processes (eval_fid reads
+    such an npz against an ADM batch in its own tests)."""
     data = tmp_path / "imagenet"
     rng = np.random.default_rng(0)
     for c in range(1000):
@@ -1118,16 +1119,6 @@ def test_miniature_imagenet_through_torchrun(tmp_path, capsys):
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert two["arr_0"].shape == (1000, 16, 16, 3) and two["arr_1"].tolist() == list(range(1000))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and len(np.unique(two["arr_0"].reshape(1000, -1), axis=0)) > 900
-    # FID against an ADM-style reference batch (images + another network's mu/sigma), on a slice: Inception is slow here
-    torch.manual_seed(0)
-    torch.save(eval_fid.FIDInception().state_dict(), tmp_path / "inception.pth")
-    np.savez(tmp_path / "samples10.npz", arr_0=two["arr_0"][:10])
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8), mu=np.zeros(2048),
-             sigma=np.eye(2048))
-    capsys.readouterr()
-    assert cli("eval_fid.py", tmp_path / "samples10.npz", tmp_path / "ref.npz", "--inception", tmp_path / "inception.pth") is None
-    out = capsys.readouterr().out
-    assert "fid:" in out and "precision:" in out, out
 
 
 # ---- sampling and the FID protocol (sample.py) ---------------------------------------------------
