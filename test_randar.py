@@ -1077,7 +1077,7 @@ def test_token_cache_made_with_another_tokenizer_is_refused(tmp_path):
 
 def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     out = str(tmp_path / "run")
-    r = run("train.py", "--out-dir", out, "--limit", 256, "--tokenizer-steps", 10, "--steps", 6, "--batch-size", 16,
+    r = run("train.py", "--out-dir", out, "--limit", 256, "--tokenizer-steps", 4, "--steps", 6, "--batch-size", 16,
             "--preset", "tiny", "--samples-per-class", 2, "--eval-every", 3, "--val-limit", 64, "--log-every", 1)
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("tokenizer.pt", "tokens_train.pt", "tokens_test.pt", "last.pt", "samples.png", "metrics.jsonl"):
