@@ -291,7 +291,7 @@ FASHION_MD5 = {  # checksums of the official files
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]  # Debian package dataset-fashion-mnist
-FASHION_CLASSES = 10  # T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
+FASHION_NUM_CLASSES = 10  # T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -369,7 +369,7 @@ def open_dataset(data, split="train", data_dir=None, image_size=32):
         if image_size != 32:
             raise ValueError(f"--image-size must be 32 for fashion-mnist, got {image_size}")
         images, labels = fashion_mnist(split, data_dir)
-        return torch.utils.data.TensorDataset(images, labels), FASHION_CLASSES
+        return torch.utils.data.TensorDataset(images, labels), FASHION_NUM_CLASSES
     # data/<split>/<class>/... (ImageNet calls its held-out split "val"), else data/<class>/...
     sub = next((os.path.join(data, s) for s in [split] + (["val"] if split == "test" else [])
                 if os.path.isdir(os.path.join(data, s))), data)

@@ -31,19 +31,11 @@ from randar import PRESETS, RandAR, RandARConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup
+# Before training: the tokenizer, then the token cache (every image encoded once, split over the ranks).
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def learning_rate(step, args):
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def prepare_tokens(args, rank, world, device):
@@ -76,9 +68,6 @@ def prepare_tokens(args, rank, world, device):
         caches[split] = cache
     return ckpt, caches
 
-
-# ----------------------------------------------------------------------------------------------
-# The token cache: every image encoded once, split over the ranks.
 
 @torch.no_grad()
 def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0):
@@ -267,6 +256,14 @@ def model_config(args, token_file):
     if args.class_dropout is not None:
         cfg = replace(cfg, class_dropout_prob=args.class_dropout)
     return cfg
+
+
+def learning_rate(step, args):
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Run:
