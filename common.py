@@ -218,6 +218,7 @@ def file_fingerprint(path, block=1 << 20):
 def download(url, dest, md5):
     """url -> dest, md5-checked, through torch.hub's downloader; a failure leaves nothing behind and is one error."""
     tmp = dest + ".part"
+    socket.setdefaulttimeout(60)  # torch.hub's downloader sets no timeout: a stalled server must fail, not hang
     try:
         torch.hub.download_url_to_file(url, tmp)
         with open(tmp, "rb") as f:
