@@ -98,7 +98,8 @@ def steps(args):
     print("| steps | " + " | ".join(keys) + " |\n|---|---|---|---|---|")
     for n, (a, b) in table.items():
         print(f"| {n} | " + " | ".join(f"{a[k]:.3f} / {b[k]:.3f}" for k in keys) + " |")
-    suffix = "" if os.path.basename(os.path.normpath(args.run)) == "demo" else "_" + os.path.basename(args.run)
+    name = os.path.basename(os.path.normpath(args.run))
+    suffix = "" if name == "demo" else "_" + name
     for key, label in [("fid", "FD (Fashion-MNIST scorer), lower is better"),
                        ("class_consistency", "class consistency, higher is better")]:
         series = [("random + cosine", COLOURS[0], [sorted(r[key] for r in table[n]) for n in STEPS])]
