@@ -295,6 +295,19 @@ def npz_array(path, name):
         raise ValueError(f"{path}: cannot read array {name!r} ({type(e).__name__}: {str(e)[:80]})") from None
 
 
+def repeat_epochs(loader, what):
+    """The batches of loader, epoch after epoch, for a loop that stops after a number of steps. An epoch that
+    yields no batch (a dataset smaller than one batch, with drop_last) is an error, not an endless loop."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"{what}: a whole epoch gave no batch ({len(loader.dataset)} items, batch size "
+                             f"{loader.batch_size}, incomplete batches dropped)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Long jobs: one job per output folder, and every rank told what rank 0 decided.
 

@@ -91,7 +91,10 @@ def decoding_schedule(n_tokens, steps):
     counts, done = [1], 1
     while done < n_tokens:
         i = len(counts)  # steps completed so far
-        target = min(math.floor((1 - math.cos(math.pi / 2 * min((i + 1) / steps, 1))) * n_tokens + 1), n_tokens)
+        # the angle multiplied and divided left to right, as the reference: (i + 1) / steps first rounds
+        # differently and moves some step counts (N = 52, 39 steps: 26.99999... instead of 27.00000...1)
+        angle = math.pi / 2.0 * (i + 1) / steps
+        target = min(math.floor((1 - math.cos(angle)) * n_tokens + 1), n_tokens)
         counts.append(min(max(target - done, 1), n_tokens - done))
         done += counts[-1]
     return counts

@@ -14,6 +14,7 @@ import importlib.util
 import http.server
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -211,6 +212,27 @@ def test_schedules_match_reference(fx):
     for key, ref in fx["schedules"].items():
         n, steps = map(int, key.split("_"))
         assert decoding_schedule(n, steps) == ref["tokens_per_step"], key
+
+
+def test_schedules_match_the_references_own_function_for_every_n_below_300():
+    """fixtures/schedules.json (from the reference's function, ../shared/release_fixtures/README.md): per N, the
+    SHA-256 of its schedules for steps 1..N, each comma-joined, joined by ';'."""
+    ref = json.load(open(os.path.join(FIXTURES, "schedules.json")))
+    wrong = [n for n in range(1, 300) if hashlib.sha256(";".join(
+        ",".join(map(str, decoding_schedule(n, steps))) for steps in range(1, n + 1)).encode()).hexdigest()
+        != ref["hashes"][str(n)]]
+    assert not wrong, wrong
+    for key, counts in ref["examples"].items():  # 1024,88: the 2x extrapolation grid
+        assert decoding_schedule(*map(int, key.split(","))) == counts, key
+
+
+def test_the_schedule_angle_is_evaluated_left_to_right():
+    """N = 52, 39 steps, after step 26: pi/2 * 26 / 39 gives 27.000000000000007 tokens, pi/2 * (26 / 39) gives
+    26.999999999999993: floor lands on 27 in the reference's order, 26 in the other."""
+    left_to_right = (1 - math.cos(math.pi / 2.0 * 26 / 39)) * 52 + 1
+    ratio_first = (1 - math.cos(math.pi / 2.0 * (26 / 39))) * 52 + 1
+    assert left_to_right == 27.000000000000007 and ratio_first == 26.999999999999993
+    assert sum(decoding_schedule(52, 39)[:26]) == 27
 
 
 def test_schedules_decode_every_token_once_in_the_steps_asked():
@@ -754,7 +776,7 @@ def test_tokenizer_stage_errors_are_one_line(tmp_path):
     (corrupt / "dog" / "broken.png").write_bytes(b"not an image")
     good = tmp_path / "good"
     write_images(good)
-    tiny = ["--preset", "tiny", "--tokenizer-steps", 2, "--steps", 1, "--batch-size", 2]
+    tiny = ["--preset", "tiny", "--tokenizer-steps", 2, "--tokenizer-batch-size", 2, "--steps", 1, "--batch-size", 2]
     cases = [
         (["--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "o0"], "not found"),
         (["--data", empty, "--out-dir", tmp_path / "o1"], "no images found"),
@@ -772,6 +794,39 @@ def test_tokenizer_stage_errors_are_one_line(tmp_path):
     assert "broken.png" in cli("train.py", "--data", corrupt, "--tokenizer-ckpt", ckpt, "--out-dir", tmp_path / "o3", *tiny)
     save_tokenizer(model, ckpt, ch=32)
     assert "do not match" in cli("train.py", "--data", good, "--tokenizer-ckpt", ckpt, "--out-dir", tmp_path / "o4", *tiny)
+
+
+def test_a_folder_smaller_than_a_batch_is_refused_at_once_by_both_stages(tmp_path):
+    """10 images: each stage's batch is refused before any work, naming the count, the batch and its flag;
+    with both batches lowered the folder trains to last.pt."""
+    write_images(tmp_path / "ten", n=5)
+    data, out = tmp_path / "ten", tmp_path / "run"
+    message = cli("train.py", "--data", data, "--out-dir", out, "--preset", "tiny")
+    assert message == "error: 10 training images are fewer than one tokenizer batch (64); lower --tokenizer-batch-size"
+    message = cli("train.py", "--data", data, "--out-dir", out, "--preset", "tiny", "--tokenizer-batch-size", 4)
+    assert message.startswith("error: 10 training images are fewer than one global batch (32 = --batch-size 32")
+    assert message.endswith("lower --batch-size") and not os.path.exists(out / "tokenizer.pt")
+    small = ["--tokenizer-batch-size", 4, "--batch-size", 4, "--tokenizer-steps", 3, "--steps", 3, "--image-size", 16,
+             "--val-limit", 8, "--samples-per-class", 1]
+    assert cli("train.py", "--data", data, "--out-dir", out, "--preset", "tiny", *small) is None
+    assert weights(out)["step"] == 3
+
+
+def test_repeating_a_loader_that_gives_no_batch_is_an_error_not_a_spin():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(3))
+    empty = torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="a whole epoch gave no batch"):
+        next(common.repeat_epochs(empty, "data"))
+    two_per_epoch = torch.utils.data.DataLoader(dataset, batch_size=1, drop_last=True)
+    assert len(list(itertools.islice(common.repeat_epochs(two_per_epoch, "data"), 7))) == 7
+
+
+def test_a_text_file_named_png_is_refused_with_its_name(tmp_path):
+    write_images(tmp_path / "seventy", n=35, size=(20, 20))
+    (tmp_path / "seventy" / "dog" / "notes.png").write_text("not an image: a text file renamed")
+    message = cli("train.py", "--data", tmp_path / "seventy", "--out-dir", tmp_path / "run", "--preset", "tiny",
+                  "--image-size", 16, "--tokenizer-steps", 2, "--batch-size", 4)
+    assert "notes.png" in message, message
 
 
 def test_llamagen_style_file_without_config_loads_as_vq16(tmp_path):

@@ -7,7 +7,6 @@ trains it (train_tokenizer, reporting PSNR and codebook usage on the held-out sp
 then encodes the dataset to tokens (train.encode_split) before RandAR trains on them.
 """
 import gzip
-import itertools
 import math
 import os
 import time
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import download, image_grid, load_torch_file, save_atomic, save_png
+from common import download, image_grid, load_torch_file, repeat_epochs, save_atomic, save_png
 
 
 @dataclass
@@ -407,7 +406,8 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
           f"-> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size, device=device)
-    t0, bar, batches = time.time(), tqdm(range(steps), desc="tokenizer"), (b for _ in itertools.count() for b in loader)
+    t0, bar = time.time(), tqdm(range(steps), desc="tokenizer")
+    batches = repeat_epochs(loader, "the tokenizer's training data")
     for step in bar:  # one batch per step, epoch after epoch
         x = to_pixels(next(batches)[0], device)
         for group in opt.param_groups:  # 100 warm-up steps, cosine to 0

@@ -38,6 +38,24 @@ def barrier():
         dist.barrier()
 
 
+def check_enough_images(args, world):
+    """Before any work: refuse a training split smaller than one batch of a stage that will run (an epoch
+    without a batch would otherwise start the next one forever)."""
+    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(os.path.join(args.out_dir, "tokenizer.pt"))
+    if os.path.exists(os.path.join(args.out_dir, "tokens_train.pt")):
+        return  # nothing left to read; run_training still checks the token file against the batch
+    dataset = tok.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
+    n = len(tok.limited(dataset, args.limit))
+    if trains_tokenizer and n < args.tokenizer_batch_size:
+        raise ValueError(f"{n} training images are fewer than one tokenizer batch "
+                         f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size")
+    global_batch = args.batch_size * world * args.grad_accum
+    if n < global_batch:
+        raise ValueError(f"{n} training images are fewer than one global batch ({global_batch} = "
+                         f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
+                         f"{args.grad_accum}); lower --batch-size")
+
+
 def prepare_tokens(args, rank, world, device):
     """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits, encoded by all
     ranks together on their devices (encode_split), refused if made from other inputs."""
@@ -48,8 +66,8 @@ def prepare_tokens(args, rank, world, device):
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, seed=args.seed, device=device,
-                            workers=args.workers, **data)
+        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, batch_size=args.tokenizer_batch_size,
+                            seed=args.seed, device=device, workers=args.workers, **data)
     barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
@@ -170,6 +188,7 @@ def main(args):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+    check_enough_images(args, world)
     lock = []  # one job per folder: two would overwrite each other's checkpoints
     common.rank0_decides(lambda: lock.append(common.FolderLock(args.out_dir, "--out-dir")), rank)
     try:
@@ -207,7 +226,8 @@ def run_training(args, rank, world, device):
                                                   seed=args.seed, drop_last=True)
     per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
     if per_epoch == 0:
-        raise ValueError(f"{len(tokens)} training images are fewer than one global batch ({global_batch})")
+        raise ValueError(f"{len(tokens)} training images are fewer than one global batch ({global_batch}); "
+                         f"lower --batch-size")
     log = Log(args, is_main, world, global_batch * tokens.size(1), run.step, device)
     while run.step < args.steps:
         sampler.set_epoch(run.epoch)  # a new shuffle per epoch, the same on every rank
@@ -412,6 +432,7 @@ def get_parser():
     p.add_argument("--limit", type=common.non_negative_int, default=0, help="use only the first N images of each split")
     p.add_argument("--tokenizer-ckpt", default=None, help="default: <out-dir>/tokenizer.pt, trained if missing")
     p.add_argument("--tokenizer-steps", type=common.positive_int, default=600)
+    p.add_argument("--tokenizer-batch-size", type=common.positive_int, default=64)
     # The demo's defaults: 2000 steps at batch 32, not 1000 at 64 -- the same images and CPU time, twice the
     # updates, a little better (docs/experiments.md, more updates from the same images).
     p.add_argument("--steps", type=common.positive_int, default=2000)
