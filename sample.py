@@ -55,7 +55,7 @@ def load_run(args):
 
 
 def decode_images(vq, tokens, grid):
-    return tok.to_uint8(vq.decode(tokens.view(-1, grid, grid)).float()).cpu()  # (B, C, H, W)
+    return vq.decode_images(tokens.view(-1, grid, grid)).cpu()  # (B, C, H, W) uint8
 
 
 def sampling_kwargs(args, **overrides):
@@ -291,7 +291,7 @@ def edit(model, vq, args):
         canvas = torch.roll(image, (shift_y, shift_x), dims=(1, 2)).masked_fill(mask, 0)
     # A token is regenerated when any pixel of its patch is masked.
     token_mask = F.max_pool2d(mask[None, None].float(), down)[0, 0].bool().flatten()  # (N,)
-    tokens = vq.encode(tok.to_pixels(canvas[None].to(args.device)))[0].flatten()
+    tokens = vq.encode_images(canvas[None])[0].flatten()
     positions = (~token_mask).nonzero().flatten().to(args.device)
     if len(positions) == model.config.block_size:
         raise ValueError("the mask covers no token: nothing to generate")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from maskgit_vq import MaskGITConfig, MaskGITVQ
 from common import download, image_grid, load_torch_file, repeat_epochs, save_atomic, save_png
 
 
@@ -261,20 +262,33 @@ class VQModel(nn.Module):
         z_q = self.quantize.codebook()[indices].permute(0, 3, 1, 2)  # permute, not reshape
         return self.decoder(self.post_quant_conv(z_q))
 
+    # uint8 in and out, as every tokenizer here does (maskgit_vq.MaskGITVQ has its own pixel range)
+    def encode_images(self, images_uint8):
+        return self.encode(to_pixels(images_uint8, self.device))
+
+    def decode_images(self, indices):
+        return to_uint8(self.decode(indices).float())
+
 
 def load_tokenizer(path, device="cpu"):
-    """Rebuild the tokenizer from a checkpoint written by train.py's first stage (strict load)."""
+    """Rebuild the tokenizer from a checkpoint written by train.py's first stage, LlamaGen's vq_ds16_c2i.pt, or
+    MaskGIT's released state dict (strict load)."""
     ckpt = load_torch_file(path, "tokenizer checkpoint")
+    if "encoder.down.0.block.0.conv1.weight" in ckpt:  # MaskGIT-VQ: a bare state dict, sizes from its shapes
+        return load_strict(MaskGITVQ(MaskGITConfig.from_state_dict(ckpt)), ckpt, path, device)
     state = ckpt.get("model")
     if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
         what = "a RandAR checkpoint" if isinstance(state, dict) and "tok_embeddings.weight" in state else "another file"
         raise ValueError(f"{path} is {what}, expected a tokenizer checkpoint")
     # LlamaGen's published vq_ds16_c2i.pt holds only {"model": ...}: it is the llamagen-vq16 preset.
     cfg = VQConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["llamagen-vq16"]
-    model = VQModel(cfg)
+    return load_strict(VQModel(cfg), state, path, device)
+
+
+def load_strict(model, state, path, device):
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
@@ -449,7 +463,7 @@ def reinit_dead_codes(model, code_hits, x):
 @torch.no_grad()
 def save_reconstructions(model, images, path):
     model.eval()
-    recon = to_uint8(model.decode(model.encode(to_pixels(images, model.device)))).cpu()
+    recon = model.decode_images(model.encode_images(images)).cpu()
     save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
 
 
@@ -471,8 +485,8 @@ def evaluate(model, dataset, batch_size=256, workers=0):
     mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     for images, _ in tqdm(loader, desc="eval"):
-        idx = model.encode(to_pixels(images, device))
-        recon = to_uint8(model.decode(idx)).float().cpu()
+        idx = model.encode_images(images)
+        recon = model.decode_images(idx).float().cpu()
         mse += (recon - images.float()).pow(2).mean(dim=(1, 2, 3)).sum().item()
         count += len(images)
         used[idx.unique()] = True

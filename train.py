@@ -95,7 +95,7 @@ def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
-        tokens.append(model.encode(tok.to_pixels(images, device)).flatten(1).cpu())
+        tokens.append(model.encode_images(images).flatten(1).cpu())
         labels.append(torch.as_tensor(y))
     dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
     return torch.cat(tokens).to(dtype), torch.cat(labels)
@@ -174,7 +174,7 @@ def sample_grid(model, vq, path, args, device, ctx):
                                    cfg_scale=(common.DEFAULT_CFG[0], args.cfg), generator=g))
     model.free_caches()
     grid = model.config.grid
-    images = tok.to_uint8(vq.decode(torch.cat(tokens).view(-1, grid, grid)).float()).cpu()
+    images = vq.decode_images(torch.cat(tokens).view(-1, grid, grid)).cpu()
     common.save_png(common.image_grid(images, nrow=args.samples_per_class, scale=2), path)
     model.train()
 

@@ -173,10 +173,10 @@ def editing(args):
     model, vq = load_model(os.path.join(ROOT, args.ckpt))[0], tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt))
     classifier = eval_fid.fashion_classifier()
     images, labels = (t[:1000] for t in tok.fashion_mnist("test"))
-    tokens = torch.cat([vq.encode(tok.to_pixels(images[i:i + 250])).flatten(1) for i in range(0, 1000, 250)])
+    tokens = torch.cat([vq.encode_images(images[i:i + 250]).flatten(1) for i in range(0, 1000, 250)])
     top = torch.arange(32).expand(1000, -1)  # token rows 0-3 of the 8x8 grid
     consistency = lambda x, y: (eval_fid.classifier_outputs(classifier, x)[1].argmax(1) == y.numpy()).mean()
-    pixels = lambda t, g: tok.to_uint8(vq.decode(t.view(-1, g, g)))
+    pixels = lambda t, g: vq.decode_images(t.view(-1, g, g))
     g = torch.Generator().manual_seed(0)
     print(f"| images (1,000) | class consistency |\n|---|---|\n| the test images themselves | "
           f"{consistency(images, labels):.3f} |")
@@ -199,7 +199,7 @@ def references(args):
     5,000 real training images with their labels and shuffled, uniform noise."""
     vq, classifier = tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt)), eval_fid.fashion_classifier()
     (test, test_labels), (train, train_labels) = tok.fashion_mnist("test"), tok.fashion_mnist("train")
-    recon = torch.cat([tok.to_uint8(vq.decode(vq.encode(tok.to_pixels(test[i:i + 500])))) for i in range(0, 5000, 500)])
+    recon = torch.cat([vq.decode_images(vq.encode_images(test[i:i + 500])) for i in range(0, 5000, 500)])
     shuffled = train_labels[:5000][torch.randperm(5000, generator=torch.Generator().manual_seed(0))]
     noise = torch.randint(0, 256, (5000, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     print("| images | class consistency | FD | precision | recall |\n|---|---|---|---|---|")
