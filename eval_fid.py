@@ -4,10 +4,13 @@ Fashion-MNIST scorer.
     python eval_fid.py SAMPLES.npz REF.npz --json metrics.json     # each: arr_0, NHWC uint8 (ADM's layout)
     python eval_fid.py SAMPLES.npz fashion-mnist --json out.json   # the demo's scorer, offline (arr_1: labels)
 
-The network is Inception-v3 as TensorFlow's FID code uses it (the layout and weights file of
-`pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): images resized to 299x299 bilinearly, scaled
-to [-1, 1]; 2048-d pool features for FID / precision / recall, its 1008 logits for the Inception
-Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
+ADM's protocol (the one behind ADM's, DiT's, LlamaGen's and RandAR's numbers): FID against the mu / sigma a
+reference .npz stores (ADM's VIRTUAL_imagenet256_labeled.npz: the whole ImageNet training set), precision and
+recall against its arr_0 images; a reference without stored statistics gets them computed from its images, and
+the output says which. The network is Inception-v3 as TensorFlow's FID graph (the layout and weights file of
+`pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): uint8 pixels resized to 299x299 by TensorFlow's legacy
+bilinear resize, then (x - 128) / 128; 2048-d pool features for FID / precision / recall, its 1008 logits for
+the Inception Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
 import itertools
 import json
@@ -127,6 +130,21 @@ class InceptionE(nn.Module):
                           self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
 
 
+def resize_like_tensorflow(x, size):
+    """Bilinear resize as TensorFlow 1's legacy op, the one inside the FID Inception graph: output pixel i reads
+    the input at i * (in / out), in float32 (no half-pixel centres, unlike F.interpolate's align_corners=False).
+    x (B, C, H, W) float -> (B, C, size[0], size[1]); checked against TensorFlow in the tests."""
+    for dim, out in ((3, size[1]), (2, size[0])):  # along rows first, then columns, as TensorFlow
+        n = x.size(dim)
+        src = torch.arange(out, dtype=torch.float32, device=x.device) * torch.tensor(n / out, dtype=torch.float32)
+        low = src.floor()
+        frac = (src - low).view([-1 if d == dim else 1 for d in range(4)])
+        a = x.index_select(dim, low.long())
+        b = x.index_select(dim, (low.long() + 1).clamp(max=n - 1))
+        x = a + (b - a) * frac
+    return x
+
+
 class FIDInception(nn.Module):
     def __init__(self):
         super().__init__()
@@ -145,7 +163,7 @@ class FIDInception(nn.Module):
 
     def forward(self, images):
         """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008)."""
-        x = 2 * F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        x = (resize_like_tensorflow(images.float(), (299, 299)) - 128) / 128  # the TF graph's Sub, Mul
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -192,6 +210,22 @@ def load_images(path):
         raise ValueError(f"{path}: arr_0 must be at least 2 uint8 NHWC images with 1 or 3 channels, got "
                          f"{images.dtype} {images.shape}")
     return images
+
+
+def stored_statistics(path):
+    """(mu, sigma) stored in a reference .npz, or None. ADM's reference batches store them, computed over the
+    whole ImageNet training set: the FID the papers report is against those; the batch's 10,000 images serve
+    only precision and recall."""
+    names = common.npz_names(path)
+    if "mu" not in names and "sigma" not in names:
+        return None
+    if not {"mu", "sigma"} <= set(names):
+        raise ValueError(f"{path} stores only one of 'mu' and 'sigma'")
+    mu, sigma = (np.asarray(common.npz_array(path, name), np.float64) for name in ("mu", "sigma"))
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu / sigma must be finite 2048 and 2048x2048 Inception statistics, got "
+                         f"{mu.shape} and {sigma.shape}")
+    return mu, sigma
 
 
 @torch.no_grad()
@@ -346,9 +380,16 @@ def main(args):
         return report(fashion_scores(fashion_classifier(args.data_dir), load_images(args.samples),
                                      common.npz_array(args.samples, "arr_1"), args.data_dir), args.json)
     images = [load_images(path) for path in (args.samples, args.ref)]  # both checked before Inception loads
+    stored = stored_statistics(args.ref)
     model = load_inception(args.inception, args.device)
     (f1, logits), (f2, _) = (inception_outputs(model, x, args.batch_size, args.device) for x in images)
-    results = {"fid": frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))}
+    if stored is None:
+        print(f"note: {args.ref} stores no mu / sigma: the FID reference statistics are computed from its "
+              f"{len(f2)} images (not comparable with published FIDs)")
+    mu2, sigma2 = stored or (f2.mean(0), np.cov(f2, rowvar=False))
+    results = {"fid": frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), mu2, sigma2),
+               "fid_statistics": f"mu/sigma stored in {os.path.basename(args.ref)}" if stored else
+               f"computed from the {len(f2)} images of {os.path.basename(args.ref)}"}
     if len(logits) >= 10:
         results["is_mean"], results["is_std"] = inception_score(logits)
     results["precision"], results["recall"] = precision_recall(f2, f1)
@@ -357,7 +398,7 @@ def main(args):
 
 def report(results, json_path):
     for name, v in results.items():
-        print(f"{name}: {v:.4f}")
+        print(f"{name}: {v:.4f}" if isinstance(v, float) else f"{name}: {v}")
     if json_path:
         common.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), json_path)
 

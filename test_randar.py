@@ -1480,20 +1480,47 @@ def test_inception_layout_matches_pytorch_fid_weights():
     assert sd["fc.weight"] == (1008, 2048) and len([k for k in sd if k.endswith(".conv.weight")]) == 94
 
 
-def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path):
-    """`python eval_fid.py` (the script's smoke run) on an npz against itself; an ADM reference batch (images
-    plus mu/sigma of another network) is read for its images."""
+def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
+    """`python eval_fid.py` (the script's smoke run) on an npz against itself: FID from the reference's images,
+    and the output says so. Then ADM's protocol on a synthetic ADM batch: FID against its stored mu / sigma,
+    precision and recall against its images."""
     torch.manual_seed(0)
     weights = str(tmp_path / "random_inception.pth")
     torch.save(eval_fid.FIDInception().state_dict(), weights)
     images = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 1), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(10))
-    np.savez(tmp_path / "adm.npz", arr_0=images, mu=np.ones(2048), sigma=np.eye(2048) * 7)  # its images are used
-    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights, "--json",
+    r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--inception", weights, "--json",
             tmp_path / "m.json", "--batch-size", 4)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "m.json"))
     assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["is_mean"] >= 1.0
+    assert m["fid_statistics"] == "computed from the 10 images of s.npz" and "stores no mu / sigma" in r.stdout
+    feats = eval_fid.inception_outputs(eval_fid.load_inception(weights), images)[0]
+    mu, sigma = np.linspace(-1, 1, 2048), np.diag(np.linspace(0.5, 2, 2048))
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma)
+    assert cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights, "--json",
+               tmp_path / "adm.json") is None
+    adm = json.load(open(tmp_path / "adm.json"))
+    expected = eval_fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    assert abs(adm["fid"] - expected) <= 1e-6 * expected and expected > 100  # not the ~0 of its own images
+    assert adm["fid_statistics"] == "mu/sigma stored in adm.npz"
+    assert adm["precision"] == 1.0 and adm["recall"] == 1.0  # the images: the samples' own
+    np.savez(tmp_path / "half.npz", arr_0=images, mu=mu)
+    assert "only one of 'mu' and 'sigma'" in cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "half.npz",
+                                                 "--inception", weights)
+
+
+def test_inception_resize_is_tensorflows_legacy_bilinear():
+    """fixtures/tf_resize_fixture.npz, made by TensorFlow's own op (fixtures/make_tf_resize_fixture.py): bit for
+    bit; F.interpolate's half-pixel centres would be far off."""
+    ref = np.load(os.path.join(FIXTURES, "tf_resize_fixture.npz"))
+    for case in ("up", "down", "odd"):
+        x = torch.from_numpy(ref[f"{case}_input"]).permute(0, 3, 1, 2).float()
+        expected = torch.from_numpy(ref[f"{case}_output"]).permute(0, 3, 1, 2)
+        assert torch.equal(eval_fid.resize_like_tensorflow(x, expected.shape[2:]), expected), case
+    x = torch.from_numpy(ref["up_input"]).permute(0, 3, 1, 2).float()
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (half_pixel - torch.from_numpy(ref["up_output"]).permute(0, 3, 1, 2)).abs().max() > 10
 
 
 def test_eval_fid_command_line_errors_are_one_line(tmp_path):
