@@ -71,27 +71,54 @@ def read_safetensors(path):
     return tensors
 
 
-def read_official_yaml(path):
-    """The `key: value` lines of the `ar_model:` -> `params:` block of a RandAR YAML config -> dict (only as much
-    YAML as those configs use: plain scalars, nesting by indentation)."""
-    params, parents = {}, []  # parents: (indent, key) of the blocks enclosing the current line
+def read_yaml(path):
+    """A RandAR YAML config -> nested dict, with only as much YAML as those configs use: `key: value` lines of
+    plain scalars, blocks by indentation. A `- item` line or a flow value (`[...]`) becomes a list; comments go."""
+    root, parents = {}, []  # parents: (indent, the dict of the block a deeper line belongs to)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].rstrip()
             if not line:
                 continue
-            depth, (key, _, value) = len(line) - len(line.lstrip()), (part.strip() for part in line.partition(":"))
+            depth = len(line) - len(line.lstrip())
             while parents and parents[-1][0] >= depth:
                 parents.pop()
-            if [k for _, k in parents] == ["ar_model", "params"]:
-                if not value or key.startswith("-") or value[0] in "[{&*!|>":
-                    raise ValueError(f"{path}:{lineno}: {line.strip()!r} under ar_model.params is not a plain "
-                                     f"'key: value' (nested values are not supported)")
-                params[key] = yaml_scalar(value)
-            elif not value:
-                parents.append((depth, key))
-    if not params:
+            block = parents[-1][1] if parents else root
+            text = line.strip()
+            if text.startswith("- "):  # an item of the list the block above opened
+                items = block.setdefault("__items__", [])
+                items.append(yaml_scalar(text[2:].strip()))
+                continue
+            key, colon, value = (part.strip() for part in text.partition(":"))
+            if not colon:
+                raise ValueError(f"{path}:{lineno}: {text!r} is not a 'key: value' line")
+            if value:
+                block[key] = yaml_scalar(value)
+            else:
+                block[key] = {}
+                parents.append((depth, block[key]))
+    return lists_in_place(root)
+
+
+def lists_in_place(block):
+    """A block that holds only `- item` lines is that list."""
+    if isinstance(block, dict):
+        if set(block) == {"__items__"}:
+            return block["__items__"]
+        return {k: lists_in_place(v) for k, v in block.items()}
+    return block
+
+
+def read_official_yaml(path):
+    """The model's config of a RandAR YAML: its `ar_model:` -> `params:` block, plain scalars only."""
+    params = read_yaml(path).get("ar_model", {})
+    params = params.get("params", {}) if isinstance(params, dict) else {}
+    if not isinstance(params, dict) or not params:
         raise ValueError(f"{path} has no ar_model.params block of 'key: value' lines")
+    for key, value in params.items():
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{path}: ar_model.params.{key} is not a plain 'key: value' (nested values are not "
+                             f"supported)")
     return params
 
 

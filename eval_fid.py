@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import tokenizer as tok
+import image_data
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -320,7 +320,7 @@ class FashionNet(nn.Module):
 def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
     """Trained on the training split, seeded: the same machine gives the same network."""
     torch.manual_seed(seed)
-    (images, labels), test = tok.fashion_mnist("train", data_dir), tok.fashion_mnist("test", data_dir)
+    (images, labels), test = image_data.fashion_mnist("train", data_dir), image_data.fashion_mnist("test", data_dir)
     model = FashionNet()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for step, i in enumerate(tqdm(torch.randint(0, len(images), (steps, batch_size)), desc="Fashion-MNIST classifier")):
@@ -351,7 +351,7 @@ def fashion_scores(model, images, labels, data_dir=None):
     """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall of the
     images' features against the test split's (FD in units of the test features' mean variance)."""
     feats, logits = classifier_outputs(model, images)
-    ref = classifier_outputs(model, tok.fashion_mnist("test", data_dir)[0])[0]
+    ref = classifier_outputs(model, image_data.fashion_mnist("test", data_dir)[0])[0]
     unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])  # the test features' mean std:
     feats, ref = feats / unit, ref / unit  # FD in that unit, free of the network's arbitrary scale
     fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))

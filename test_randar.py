@@ -35,6 +35,7 @@ import eval_fid
 import generate as gen
 import randar
 import sample
+import image_data
 import tokenizer as tok
 import train
 from generate import decoding_schedule, feed_plan, filter_logits, generate, sampling_probs
@@ -657,7 +658,7 @@ def test_decode_of_encode_is_the_forward_reconstruction():
 
 def test_tokenizer_learns_on_real_fashion_mnist(tmp_path):
     torch.manual_seed(0)
-    images, labels = tok.fashion_mnist("test")
+    images, labels = image_data.fashion_mnist("test")
     assert images.shape == (10000, 1, 32, 32) and images.dtype == torch.uint8 and labels.max() == 9
     x = tok.to_pixels(images[:256])
     model = tok.VQModel(tok.PRESETS["demo"])
@@ -725,7 +726,7 @@ def test_offline_downloads_name_the_way_out(tmp_path, monkeypatch):
     data_dir = tmp_path / "fashion"
     data_dir.mkdir()
     with pytest.raises(OSError, match="--data-dir .* dataset-fashion-mnist"):
-        tok.fashion_mnist("test", str(data_dir), url=refusing_url())
+        image_data.fashion_mnist("test", str(data_dir), url=refusing_url())
     monkeypatch.setattr(eval_fid, "WEIGHTS_URL", refusing_url() + "pt_inception-2015-12-05-6726825d.pth")
     hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
@@ -762,7 +763,7 @@ def write_images(folder, n=4, size=(40, 36)):
 
 def test_an_image_folder_gives_classes_from_subfolders(tmp_path):
     write_images(tmp_path)
-    ds, num_classes = tok.open_dataset(str(tmp_path), "train", image_size=32)
+    ds, num_classes = image_data.open_dataset(str(tmp_path), "train", image_size=32)
     x, y = ds[5]
     assert num_classes == 2 and len(ds) == 8 and x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 1
 
@@ -1090,7 +1091,7 @@ def test_tokenizer_stages_run_on_the_device_they_are_given(tmp_path, monkeypatch
 
 def test_encoding_with_loader_workers_gives_the_same_tokens(tmp_path):
     write_images(tmp_path, n=5, size=(20, 18))
-    dataset, _ = tok.open_dataset(str(tmp_path), "train", image_size=16)
+    dataset, _ = image_data.open_dataset(str(tmp_path), "train", image_size=16)
     torch.manual_seed(0)
     vq = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "in_channels": 3})).eval()
     a, a_labels = train.encode_dataset(vq, dataset, batch_size=4, workers=0)
@@ -1569,7 +1570,7 @@ def quick_fashion_classifier():
 
 def test_fashion_scorer_rates_real_images_high_shuffled_labels_low_and_noise_far(quick_fashion_classifier):
     """Real training images score high; with shuffled labels they lose class consistency; uniform noise lies far."""
-    images, labels = tok.fashion_mnist("train")
+    images, labels = image_data.fashion_mnist("train")
     real, labels = images[:2000], labels[:2000]
     scores = eval_fid.fashion_scores(quick_fashion_classifier, real, labels)
     shuffled = eval_fid.fashion_scores(quick_fashion_classifier, real, labels[torch.randperm(2000)])
@@ -1584,7 +1585,7 @@ def test_fashion_scorer_command_reads_28_and_32_pixel_npz_and_writes_its_keys(qu
     images padded as the demo's 32x32 canvas, exactly the four keys; an npz without labels is one line."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(eval_fid, "train_fashion_classifier", lambda data_dir=None: quick_fashion_classifier)
-    images, labels = tok.fashion_mnist("test")
+    images, labels = image_data.fashion_mnist("test")
     results = []
     for crop in (2, 0):  # 28x28, then 32x32
         x = images[:300, 0, crop:32 - crop, crop:32 - crop, None].numpy()
@@ -1737,7 +1738,7 @@ def test_the_gpu_check_runs_on_the_cpu_in_miniature():
     assert "compiled == eager tokens: True" in r.stdout and r.stdout.rstrip().endswith("GPU check passed")
 
 
-MODULES = ("common", "eval_fid", "generate", "maskgit_vq", "randar", "sample", "tokenizer", "train")
+MODULES = ("common", "eval_fid", "generate", "image_data", "maskgit_vq", "randar", "sample", "tokenizer", "train")
 
 
 def import_circle(graph):

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import image_data
 import tokenizer as tok
 from generate import generate
 from randar import PRESETS, RandAR, RandARConfig
@@ -44,8 +45,8 @@ def check_enough_images(args, world):
     trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(os.path.join(args.out_dir, "tokenizer.pt"))
     if os.path.exists(os.path.join(args.out_dir, "tokens_train.pt")):
         return  # nothing left to read; run_training still checks the token file against the batch
-    dataset = tok.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
-    n = len(tok.limited(dataset, args.limit))
+    dataset = image_data.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
+    n = len(image_data.limited(dataset, args.limit))
     if trains_tokenizer and n < args.tokenizer_batch_size:
         raise ValueError(f"{n} training images are fewer than one tokenizer batch "
                          f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size")
@@ -112,8 +113,8 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
     """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into its own
     part file, and rank 0 joins the parts in order (join_parts): the same file for any number of ranks."""
     model = tok.load_tokenizer(ckpt, device)
-    dataset, num_classes = tok.open_dataset(data, split, data_dir, image_size)
-    dataset = tok.limited(dataset, limit)
+    dataset, num_classes = image_data.open_dataset(data, split, data_dir, image_size)
+    dataset = image_data.limited(dataset, limit)
     tok.check_fits(model.config, dataset)
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
     tokens, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), show_progress=rank == 0,

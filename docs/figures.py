@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402 (the project's scripts, from the folder above)
 import eval_fid  # noqa: E402
+import image_data  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from generate import generate  # noqa: E402
 from randar import load_model  # noqa: E402
@@ -172,7 +173,7 @@ def editing(args):
     torch.manual_seed(0)
     model, vq = load_model(os.path.join(ROOT, args.ckpt))[0], tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt))
     classifier = eval_fid.fashion_classifier()
-    images, labels = (t[:1000] for t in tok.fashion_mnist("test"))
+    images, labels = (t[:1000] for t in image_data.fashion_mnist("test"))
     tokens = torch.cat([vq.encode_images(images[i:i + 250]).flatten(1) for i in range(0, 1000, 250)])
     top = torch.arange(32).expand(1000, -1)  # token rows 0-3 of the 8x8 grid
     consistency = lambda x, y: (eval_fid.classifier_outputs(classifier, x)[1].argmax(1) == y.numpy()).mean()
@@ -198,7 +199,7 @@ def references(args):
     """The scorer on images that are not samples: the tokenizer's reconstructions of 5,000 test images,
     5,000 real training images with their labels and shuffled, uniform noise."""
     vq, classifier = tok.load_tokenizer(os.path.join(ROOT, args.vq_ckpt)), eval_fid.fashion_classifier()
-    (test, test_labels), (train, train_labels) = tok.fashion_mnist("test"), tok.fashion_mnist("train")
+    (test, test_labels), (train, train_labels) = image_data.fashion_mnist("test"), image_data.fashion_mnist("train")
     recon = torch.cat([vq.decode_images(vq.encode_images(test[i:i + 500])) for i in range(0, 5000, 500)])
     shuffled = train_labels[:5000][torch.randperm(5000, generator=torch.Generator().manual_seed(0))]
     noise = torch.randint(0, 256, (5000, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
