@@ -390,6 +390,11 @@ def setup_distributed(device="auto", timeout_s=1800):
     return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def rank0_decides(fn, rank):
     """fn() on rank 0, its result (or its error) given to every rank, so no rank goes on alone."""
     result = [None, None]

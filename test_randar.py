@@ -36,6 +36,7 @@ import generate as gen
 import randar
 import sample
 import image_data
+import token_cache
 import tokenizer as tok
 import train
 from generate import decoding_schedule, feed_plan, filter_logits, generate, sampling_probs
@@ -905,7 +906,7 @@ def synthetic_run_dir(path, n_train=64, n_test=32):
     vq_path = os.path.join(path, "tokenizer.pt")
     save_tokenizer(vq, vq_path)
     for split, n in (("train", n_train), ("test", n_test)):
-        source = train.encode_source(vq_path, "fashion-mnist", split, 32, 0)  # what train.py's defaults ask for
+        source = token_cache.encode_source(vq_path, "fashion-mnist", split, 32, 0)  # what train.py's defaults ask for
         torch.save({"tokens": torch.randint(0, 32, (n, 16)).short(), "labels": torch.randint(0, 10, (n,)),
                     "num_classes": 10, "vocab_size": 32, "tokenizer": vq_path, "source": source},
                    os.path.join(path, f"tokens_{split}.pt"))
@@ -1084,7 +1085,7 @@ def test_tokenizer_stages_run_on_the_device_they_are_given(tmp_path, monkeypatch
     monkeypatch.setattr(tok, "to_pixels", lambda images, device=None: (batches.append(device), to_pixels(images, device))[1])
     args = train.get_parser().parse_args(["--out-dir", str(tmp_path), "--limit", "64", "--tokenizer-steps", "2"])
     args.workers = 0
-    train.prepare_tokens(args, 0, 1, torch.device("cpu", 0))
+    token_cache.prepare_tokens(args, 0, 1, torch.device("cpu", 0))
     assert len(moves) == 3 and set(moves) == {torch.device("cpu", 0)}  # training, then encoding of two splits
     assert len(batches) >= 4 and set(batches) == {torch.device("cpu", 0)}
 
@@ -1094,8 +1095,8 @@ def test_encoding_with_loader_workers_gives_the_same_tokens(tmp_path):
     dataset, _ = image_data.open_dataset(str(tmp_path), "train", image_size=16)
     torch.manual_seed(0)
     vq = tok.VQModel(tok.VQConfig(**{**asdict(tok.PRESETS["demo"]), "in_channels": 3})).eval()
-    a, a_labels = train.encode_dataset(vq, dataset, batch_size=4, workers=0)
-    b, b_labels = train.encode_dataset(vq, dataset, batch_size=4, workers=2)
+    a, a_labels, _ = token_cache.encode_dataset(vq, dataset, batch_size=4, workers=0)
+    b, b_labels, _ = token_cache.encode_dataset(vq, dataset, batch_size=4, workers=2)
     assert torch.equal(a, b) and torch.equal(a_labels, b_labels) and a.shape == (10, 16)
 
 
@@ -1230,6 +1231,144 @@ def test_miniature_imagenet_through_torchrun(tmp_path):
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert two["arr_0"].shape == (1000, 16, 16, 3) and two["arr_1"].tolist() == list(range(1000))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and len(np.unique(two["arr_0"].reshape(1000, -1), axis=0)) > 900
+
+
+# The release YAML's structure (configs/randar/randar_l_0.3b_llamagen.yaml of the reference): its training
+# settings, and a model the size of the L release.
+RELEASE_YAML = """\
+accelerator:
+  gradient_accumulation_steps: 1 # to support global_batch_size=1024
+  mixed_precision: bf16
+optimizer:
+  lr: {lr}
+  weight_decay: 0.05
+  beta1: 0.9
+  beta2: 0.95
+  max_grad_norm: 1.0
+  skip_grad_iter: {skip_iter}
+  skip_grad_norm: 10
+lr_scheduler:
+  type: cosine
+  warm_up_iters: {warmup}
+  min_lr_ratio: 0.05
+  num_cycles: 0.5
+max_iters: {iters}
+global_batch_size: {batch}
+ema: False
+vq_ckpt: vq_ds16_c2i.pt
+ar_model:
+  target: RandAR.model.randar_gpt.RandARTransformer
+  params:
+    n_layer: {n_layer}
+    n_head: {n_head}
+    dim: {dim}
+    multiple_of: {multiple_of}
+    model_type: c2i
+    vocab_size: {vocab}
+    block_size: {tokens}
+    num_classes: {classes}
+    cls_token_num: 1
+    resid_dropout_p: 0.1
+    ffn_dropout_p: 0.1
+    token_dropout_p: 0.1
+    drop_path_rate: 0.0
+    position_order: random
+    num_inference_steps: 88
+"""
+L_RELEASE = dict(lr=0.0004, skip_iter=100, warmup=50000, iters=360000, batch=1024, n_layer=24, n_head=16,
+                 dim=1024, multiple_of=256, vocab=16384, tokens=256, classes=1000)
+
+
+@pytest.fixture(scope="module")
+def recipe_fx():
+    """ADM's centre crop and the reference scheduler's multipliers (fixtures/recipe_fixture.pt)."""
+    return torch.load(os.path.join(FIXTURES, "recipe_fixture.pt"), weights_only=True)
+
+
+def test_adm_centre_crop_matches_reference(recipe_fx):
+    for case in recipe_fx["crops"]:  # the last three take the halving path
+        out = image_data.center_crop_adm(Image.fromarray(case["input"].numpy()), case["size"])
+        assert np.array_equal(out, case["output"].numpy()), tuple(case["input"].shape)
+
+
+def test_a_release_yaml_gives_the_release_recipe_and_flags_override_it(recipe_fx, tmp_path):
+    """`train.py --config` on the L release's YAML: 360k steps, global batch 1024, no EMA, the gradient-skip
+    rule, and the reference scheduler's multipliers at its sample iterations (within 1e-12)."""
+    path = tmp_path / "randar_l_0.3b_llamagen.yaml"
+    path.write_text(RELEASE_YAML.format(**L_RELEASE))
+    args = train.parse_args(["--config", str(path)])
+    assert (args.steps, args.global_batch_size, args.ema, args.lr, args.grad_accum) == (360000, 1024, 0, 4e-4, 1)
+    assert (args.skip_grad_norm, args.skip_grad_from, args.clip, args.weight_decay) == (10, 100, 1.0, 0.05)
+    ref = recipe_fx["lr_release"]
+    assert (args.warmup_steps, args.min_lr_ratio, args.steps) == (ref["warmup"], ref["min_lr_ratio"], ref["total"])
+    for i, multiplier in zip(ref["iterations"], ref["multipliers"]):
+        assert abs(train.learning_rate(i, args) / args.lr - multiplier) <= 1e-12, i
+    train.resolve_batch_size(args, world=8)
+    assert args.batch_size == 128
+    args = train.parse_args(["--config", str(path), "--steps", "10", "--batch-size", "4", "--ema", "0.99"])
+    assert (args.steps, args.global_batch_size, args.batch_size, args.ema) == (10, None, 4, 0.99)
+    config = randar.RandARConfig.from_dict(common.read_official_yaml(path))
+    assert asdict(config) == asdict(randar.PRESETS["L"])
+    path.write_text(RELEASE_YAML.format(**L_RELEASE).replace("type: cosine", "type: constant"))
+    assert "lr_scheduler.type is 'constant'" in cli("train.py", "--config", path)
+    path.write_text(RELEASE_YAML.format(**{**L_RELEASE, "iters": -5}))
+    message = cli("train.py", "--config", path)
+    assert str(path) in message and "--steps" in message and "'-5'" in message
+
+
+def test_the_release_recipe_in_miniature(recipe_fx, tmp_path):
+    """The README's ImageNet command with a release YAML's structure and small numbers: a synthetic ImageFolder
+    (ADM crops, codes of each image and of its mirror image), a tiny model from the YAML, no EMA, and the
+    reference scheduler's multipliers logged at every step."""
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        for i, size in enumerate([(40, 34), (20, 24), (16, 19)] * 2):  # the first is halved before the resize
+            (tmp_path / "data" / f"n{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / f"n{c}" / f"{i}.png")
+    mini = dict(lr=0.003, skip_iter=5, warmup=10, iters=100, batch=8, n_layer=2, n_head=4, dim=64, multiple_of=32,
+                vocab=512, tokens=16, classes=4)
+    (tmp_path / "mini.yaml").write_text(RELEASE_YAML.format(**mini))
+    out = tmp_path / "run"
+    assert cli("train.py", "--config", tmp_path / "mini.yaml", "--data", tmp_path / "data", "--image-size", 16,
+               "--out-dir", out, "--tokenizer-steps", 3, "--tokenizer-batch-size", 8, "--log-every", 1,
+               "--samples-per-class", 1, "--val-limit", 8) is None
+    ckpt = weights(out)
+    assert ckpt["step"] == 100 and "ema" not in ckpt and ckpt["args"]["batch_size"] == 8
+    assert RandARConfig.from_dict(ckpt["config"]) == RandARConfig.from_dict(common.read_official_yaml(tmp_path / "mini.yaml"))
+    lrs = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r]
+    expected = [0.003 * m for m in recipe_fx["lr_miniature"]["multipliers"][:100]]
+    assert len(lrs) == 100 and max(abs(a - b) for a, b in zip(lrs, expected)) <= 1e-15
+    cache = torch.load(out / "tokens_train.pt", weights_only=True)
+    assert cache["tokens"].shape == cache["tokens_flipped"].shape == (24, 16)
+    assert "tokens_flipped" not in torch.load(out / "tokens_test.pt", weights_only=True)
+    vq = tok.load_tokenizer(out / "tokenizer.pt")
+    image = image_data.open_dataset(str(tmp_path / "data"), "train", image_size=16)[0][0][0]
+    assert torch.equal(vq.encode_images(image[None].flip(-1)).flatten(), cache["tokens_flipped"][0].long())
+
+
+def test_flip_coins_depend_on_seed_and_epoch_alone():
+    cache = {"tokens": torch.zeros(1000, 4, dtype=torch.int16), "tokens_flipped": torch.ones(1000, 4, dtype=torch.int16)}
+    coins = token_cache.flip_coins(cache, seed=0, epoch=3)
+    assert torch.equal(coins, token_cache.flip_coins(cache, seed=0, epoch=3)) and 400 < coins.sum() < 600
+    assert not torch.equal(coins, token_cache.flip_coins(cache, seed=0, epoch=4))
+    indices = torch.tensor([5, 7, 900])
+    assert torch.equal(token_cache.batch_tokens(cache, indices, coins)[:, 0], coins[indices].long())
+    assert token_cache.flip_coins({"tokens": cache["tokens"]}, 0, 3) is None
+
+
+def test_the_gradient_skip_rule_stops_updates_from_its_step_on(tmp_path):
+    """Threshold ~0 from step 3: steps 0-2 update, every later step is skipped (the weights and the optimizer
+    stay as they were), and the count survives a resume."""
+    out = synthetic_run_dir(tmp_path / "run")
+    rule = ["--skip-grad-norm", 1e-9, "--skip-grad-from", 3]
+    assert cli("train.py", *tiny_train_args(out, "--steps", 3, *rule)) is None
+    before = weights(out)
+    assert cli("train.py", *tiny_train_args(out, "--steps", 6, *rule)) is None
+    after = weights(out)
+    assert (before["skipped_steps"], after["skipped_steps"], after["step"]) == (0, 3, 6)
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    first = before["optimizer"]["state"][0]
+    assert torch.equal(first["exp_avg"], after["optimizer"]["state"][0]["exp_avg"])
 
 
 # ---- sampling and the FID protocol (sample.py) ---------------------------------------------------
@@ -1738,7 +1877,8 @@ def test_the_gpu_check_runs_on_the_cpu_in_miniature():
     assert "compiled == eager tokens: True" in r.stdout and r.stdout.rstrip().endswith("GPU check passed")
 
 
-MODULES = ("common", "eval_fid", "generate", "image_data", "maskgit_vq", "randar", "sample", "tokenizer", "train")
+MODULES = ("common", "eval_fid", "generate", "image_data", "maskgit_vq", "randar", "sample", "token_cache",
+           "tokenizer", "train")
 
 
 def import_circle(graph):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -25,113 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
-import image_data
+import token_cache
 import tokenizer as tok
 from generate import generate
 from randar import PRESETS, RandAR, RandARConfig
-
-
-# ----------------------------------------------------------------------------------------------
-# Before training: the tokenizer, then the token cache (every image encoded once, split over the ranks).
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def check_enough_images(args, world):
-    """Before any work: refuse a training split smaller than one batch of a stage that will run (an epoch
-    without a batch would otherwise start the next one forever)."""
-    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(os.path.join(args.out_dir, "tokenizer.pt"))
-    if os.path.exists(os.path.join(args.out_dir, "tokens_train.pt")):
-        return  # nothing left to read; run_training still checks the token file against the batch
-    dataset = image_data.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
-    n = len(image_data.limited(dataset, args.limit))
-    if trains_tokenizer and n < args.tokenizer_batch_size:
-        raise ValueError(f"{n} training images are fewer than one tokenizer batch "
-                         f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size")
-    global_batch = args.batch_size * world * args.grad_accum
-    if n < global_batch:
-        raise ValueError(f"{n} training images are fewer than one global batch ({global_batch} = "
-                         f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
-                         f"{args.grad_accum}); lower --batch-size")
-
-
-def prepare_tokens(args, rank, world, device):
-    """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits, encoded by all
-    ranks together on their devices (encode_split), refused if made from other inputs."""
-    ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
-    if args.workers is None:  # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
-        args.workers = 0 if args.data == "fashion-mnist" else min(8, os.cpu_count() or 1)
-    data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
-    if args.tokenizer_ckpt and not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
-    if rank == 0 and not os.path.exists(ckpt):
-        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, batch_size=args.tokenizer_batch_size,
-                            seed=args.seed, device=device, workers=args.workers, **data)
-    barrier()
-    files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
-    caches = {}
-    for split, path in files.items():
-        if not os.path.exists(path):
-            encode_split(ckpt, split, path, rank=rank, world=world, device=device, workers=args.workers, **data)
-            barrier()
-            if rank == 0 and world > 1:
-                join_parts(path, world)
-            barrier()
-        cache = common.load_torch_file(path, "token file")
-        wanted = encode_source(ckpt, split=split, **{k: v for k, v in data.items() if k != "data_dir"})
-        if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
-            raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
-                             f"another --out-dir")
-        caches[split] = cache
-    return ckpt, caches
-
-
-@torch.no_grad()
-def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0):
-    """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), on the model's device in fp32 (lower
-    precision could move a latent to another nearest code)."""
-    tokens, labels, device = [], [], model.device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
-        tokens.append(model.encode_images(images).flatten(1).cpu())
-        labels.append(torch.as_tensor(y))
-    dtype = torch.int16 if model.config.codebook_size <= 32767 else torch.int32
-    return torch.cat(tokens).to(dtype), torch.cat(labels)
-
-
-def encode_source(ckpt, data, split, image_size, limit):
-    """What a token file was made from; train.py refuses a cache made from something else."""
-    return {"data": data, "split": split, "image_size": image_size, "limit": limit,
-            "tokenizer": common.file_fingerprint(ckpt)}
-
-
-def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, rank=0, world=1,
-                 device="cpu", workers=0):
-    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into its own
-    part file, and rank 0 joins the parts in order (join_parts): the same file for any number of ranks."""
-    model = tok.load_tokenizer(ckpt, device)
-    dataset, num_classes = image_data.open_dataset(data, split, data_dir, image_size)
-    dataset = image_data.limited(dataset, limit)
-    tok.check_fits(model.config, dataset)
-    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
-    tokens, labels = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)), show_progress=rank == 0,
-                                    workers=workers)
-    source = encode_source(ckpt, data, split, image_size, limit)
-    common.save_atomic({"num_classes": num_classes, "vocab_size": model.config.codebook_size, "source": source,
-                        "tokenizer": os.path.abspath(ckpt), "tokens": tokens, "labels": labels},
-                       out if world == 1 else f"{out}.part{rank}of{world}")
-
-
-def join_parts(out, world):
-    """Rank 0, after every rank's encode_split: the part files -> one token file, in rank order."""
-    names = [f"{out}.part{r}of{world}" for r in range(world)]
-    parts = [common.load_torch_file(n, "token part file") for n in names]
-    common.save_atomic({**parts[0], **{k: torch.cat([p[k] for p in parts]) for k in ("tokens", "labels")}}, out)
-    for n in names:
-        os.remove(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +87,8 @@ def main(args):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
-    check_enough_images(args, world)
+    resolve_batch_size(args, world)
+    token_cache.check_enough_images(args, world)
     lock = []  # one job per folder: two would overwrite each other's checkpoints
     common.rank0_decides(lambda: lock.append(common.FolderLock(args.out_dir, "--out-dir")), rank)
     try:
@@ -211,10 +110,11 @@ def run_training(args, rank, world, device):
     resume, ckpt = find_checkpoint(args, is_main)
     global_batch = args.batch_size * world * args.grad_accum
     if is_main:
-        print(f"RandAR '{args.preset}' on {args.data}, order={args.order}, {args.steps} steps, global batch "
+        model_name = args.config or f"'{args.preset}'"
+        print(f"RandAR {model_name} on {args.data}, order={args.order}, {args.steps} steps, global batch "
               f"{global_batch} ({world} x {args.batch_size} x {args.grad_accum}), device {device}; "
               f"rank seed {seed}; writing to {args.out_dir}/")
-    vq_path, data = prepare_tokens(args, rank, world, device)
+    vq_path, data = token_cache.prepare_tokens(args, rank, world, device)
     torch.manual_seed(seed)  # the model's init and dropout stream do not depend on which stages ran before
     run = Run(model_config(args, data["train"]), args, device, rank, world, vq_path)
     if resume:
@@ -234,23 +134,33 @@ def run_training(args, rank, world, device):
         sampler.set_epoch(run.epoch)  # a new shuffle per epoch, the same on every rank
         used = per_epoch * args.grad_accum * args.batch_size
         indices = torch.tensor(list(sampler)[:used]).view(-1, args.batch_size)  # [micro-batches, batch]
+        coins = token_cache.flip_coins(data["train"], args.seed, run.epoch)
         while run.batch_in_epoch < per_epoch and run.step < args.steps:
             micro = indices[run.batch_in_epoch * args.grad_accum:(run.batch_in_epoch + 1) * args.grad_accum]
-            lr, grad_norm = run.train_step([(tokens[i].long().to(device), labels[i].to(device)) for i in micro],
-                                           ctx, log.window_loss)
+            batches = [(token_cache.batch_tokens(data["train"], i, coins).to(device), labels[i].to(device))
+                       for i in micro]
+            lr, grad_norm = run.train_step(batches, ctx, log.window_loss)
             log.after_step(run.step, lr, grad_norm, run.last)
-            if run.step % args.eval_every == 0 or run.step == args.steps:
-                log.validation(run.step, validation_loss(run.ema or run.model, data["test"], args, device, ctx))
-            if is_main and ((args.sample_every and run.step % args.sample_every == 0) or run.step == args.steps):
-                sample_grid(run.ema or run.model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
-            if run.step % args.ckpt_every == 0 or run.step == args.steps:
-                run.save()
-            barrier()
+            evaluate_and_save(run, log, data["test"], vq, ctx)
         if run.batch_in_epoch >= per_epoch:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     log.bar.close()
     if is_main:
-        print(f"done: {run.step} steps; checkpoint {run.last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+        skipped = f" ({run.skipped} skipped by the gradient-skip rule)" if args.skip_grad_norm else ""
+        print(f"done: {run.step} steps{skipped}; checkpoint {run.last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+
+
+def evaluate_and_save(run, log, test_tokens, vq, ctx):
+    """After a step: the validation loss, the sample grid (rank 0) and the checkpoint, each at its interval and
+    after the last step."""
+    args, device, last = run.args, run.device, run.step == run.args.steps
+    if run.step % args.eval_every == 0 or last:
+        log.validation(run.step, validation_loss(run.ema or run.model, test_tokens, args, device, ctx))
+    if run.rank == 0 and ((args.sample_every and run.step % args.sample_every == 0) or last):
+        sample_grid(run.ema or run.model, vq, os.path.join(args.out_dir, "samples.png"), args, device, ctx)
+    if run.step % args.ckpt_every == 0 or last:
+        run.save()
+    common.barrier()
 
 
 def find_checkpoint(args, is_main):
@@ -269,9 +179,18 @@ def find_checkpoint(args, is_main):
 
 
 def model_config(args, token_file):
-    """The preset, sized to the token cache (vocabulary, tokens per image, classes), with the flags' overrides."""
-    cfg = replace(PRESETS[args.preset], vocab_size=token_file["vocab_size"], block_size=token_file["tokens"].size(1),
-                  num_classes=token_file["num_classes"])
+    """The preset sized to the token cache (vocabulary, tokens per image, classes), or a release YAML's model,
+    which must fit the cache; then the flags' overrides."""
+    sizes = dict(vocab_size=token_file["vocab_size"], block_size=token_file["tokens"].size(1),
+                 num_classes=token_file["num_classes"])
+    if args.config is None:
+        cfg = replace(PRESETS[args.preset], **sizes)
+    else:
+        cfg = RandARConfig.from_dict(common.read_official_yaml(args.config))
+        for name, size in sizes.items():
+            if getattr(cfg, name) != size:
+                raise ValueError(f"{args.config}: ar_model.params.{name} is {getattr(cfg, name)}, but the token "
+                                 f"files have {size} (another tokenizer or image size?)")
     if args.dropout is not None:
         cfg = replace(cfg, token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
     if args.class_dropout is not None:
@@ -280,9 +199,11 @@ def model_config(args, token_file):
 
 
 def learning_rate(step, args):
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr. The demo's warm-up counts the step being taken;
+    the releases' scheduler counts the steps done, so its first step has lr 0 (--warmup-from-zero)."""
     if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+        steps_counted = step if args.warmup_from_zero else step + 1
+        return args.lr * steps_counted / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -293,7 +214,7 @@ class Run:
     def __init__(self, cfg, args, device, rank, world, vq_path):
         self.cfg, self.args, self.device, self.rank, self.world, self.vq_path = cfg, args, device, rank, world, vq_path
         self.last = os.path.join(args.out_dir, "last.pt")
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = self.epoch = self.batch_in_epoch = self.skipped = 0
         self.model = RandAR(cfg).to(device)
         # Exponential moving average of the weights, for sampling and validation: averaging the last few hundred
         # steps' weights removes much of the optimizer's noise, which a short run is full of.
@@ -319,6 +240,7 @@ class Run:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["data_position"]["epoch"], \
             ckpt["data_position"]["batch"]
+        self.skipped = ckpt.get("skipped_steps", 0)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}")
 
@@ -341,16 +263,31 @@ class Run:
             (loss / len(micro_batches)).backward()
             window_loss += loss.detach().double() / len(micro_batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-        self.opt.step()
-        # The EMA decay ramps up as (1+t)/(10+t), so the average does not hold on to the init; a short run ends
-        # before the ramp reaches --ema.
-        if self.ema is not None:
-            decay = min(args.ema, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():  # (else every update would join an ever longer autograd graph)
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        if self.skips_update():
+            self.skipped += 1
+        else:
+            self.opt.step()
+            self.update_ema()
         self.opt.zero_grad(set_to_none=True)
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
         return lr, grad_norm
+
+    def skips_update(self):
+        """The releases' gradient-skip rule (docs/algorithm.md §12): from step --skip-grad-from on, no update when
+        the sum of the per-tensor gradient norms after clipping reaches --skip-grad-norm. Reads that sum on the
+        host (a synchronisation per step), so only when the rule is on."""
+        if not self.args.skip_grad_norm or self.step < self.args.skip_grad_from:
+            return False
+        norms = torch._foreach_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return torch.stack(norms).double().sum().item() >= self.args.skip_grad_norm
+
+    def update_ema(self):
+        # The EMA decay ramps up as (1+t)/(10+t), so the average does not hold on to the init; a short run ends
+        # before the ramp reaches --ema.
+        if self.ema is not None:
+            decay = min(self.args.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():  # (else every update would join an ever longer autograd graph)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
 
     def save(self):
         """last.pt, written by rank 0 with every rank's random state."""
@@ -366,7 +303,7 @@ class Run:
                 "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps, "total_steps": args.steps,
                               "min_lr_ratio": args.min_lr_ratio},
                 "config": asdict(self.cfg), "rng": rngs, "rank_param_checksums": checks,
-                "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+                "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch}, "skipped_steps": self.skipped,
                 "tokenizer": os.path.abspath(self.vq_path), "args": vars(args)}
         common.save_atomic(ckpt, self.last)
 
@@ -422,10 +359,83 @@ class Log:
             f.write(json.dumps(record) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# A release's recipe: `--config <release>.yaml` (configs/randar/ of the reference code) stands for flags.
+
+RELEASE_FLAGS = {  # YAML key -> flag; the YAML's model (ar_model.params) is read by model_config
+    "optimizer.lr": "--lr", "optimizer.weight_decay": "--weight-decay", "optimizer.max_grad_norm": "--clip",
+    "optimizer.skip_grad_norm": "--skip-grad-norm", "optimizer.skip_grad_iter": "--skip-grad-from",
+    "lr_scheduler.warm_up_iters": "--warmup-steps", "lr_scheduler.min_lr_ratio": "--min-lr-ratio",
+    "max_iters": "--steps", "global_batch_size": "--global-batch-size",
+    "accelerator.gradient_accumulation_steps": "--grad-accum",
+}
+RELEASE_FIXED = {  # what train.py always does, so a YAML asking for something else is refused
+    "optimizer.beta1": 0.9, "optimizer.beta2": 0.95, "lr_scheduler.type": "cosine", "lr_scheduler.num_cycles": 0.5,
+}
+
+
+def yaml_value(tree, dotted_key):
+    for key in dotted_key.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def release_flags(path):
+    """The flags a release YAML's training settings stand for. Its scheduler warms up from 0; no EMA unless the
+    YAML asks for one (the releases say `ema: False`)."""
+    tree = common.read_yaml(path)
+    for key, value in RELEASE_FIXED.items():
+        found = yaml_value(tree, key)
+        if found is not None and found != value:
+            raise ValueError(f"{path}: {key} is {found!r}; train.py implements {value!r} only")
+    flags = ["--warmup-from-zero"] + ([] if tree.get("ema") else ["--ema", "0"])
+    for key, flag in RELEASE_FLAGS.items():
+        value = yaml_value(tree, key)
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def resolve_batch_size(args, world):
+    """--global-batch-size (a release's global_batch_size) -> the per-rank --batch-size."""
+    if args.global_batch_size is None:
+        return
+    ranks_and_steps = world * args.grad_accum
+    if args.global_batch_size % ranks_and_steps:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
+                         f"--grad-accum {args.grad_accum}")
+    args.batch_size = args.global_batch_size // ranks_and_steps
+
+
+def parse_args(argv):
+    """The command line; with --config, the release YAML's flags go first, so the command line overrides them
+    (a --batch-size given replaces the YAML's global batch)."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    if not os.path.isfile(args.config):
+        parser.error(f"--config not found: {args.config}")
+    try:
+        flags = release_flags(args.config)
+        parser.parse_args(flags)  # the YAML's values, checked as the flags would be
+    except (ValueError, SystemExit) as e:
+        reason = re.sub(r"^error: [^:]*: ", "", str(getattr(e, "code", e)))  # the parser's prefix
+        sys.exit(f"error: {args.config}: {reason}")
+    if any(a == "--batch-size" or a.startswith("--batch-size=") for a in argv):
+        at = flags.index("--global-batch-size") if "--global-batch-size" in flags else None
+        flags = flags if at is None else flags[:at] + flags[at + 2:]
+    return parser.parse_args(flags + argv)
+
+
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--preset", default="demo", choices=PRESETS)
+    p.add_argument("--config", default=None, help="a release's YAML: its model, optimizer, schedule, batch, steps, "
+                   "EMA switch and gradient-skip rule; flags given here override it")
     p.add_argument("--order", default="random", choices=["random", "raster"], help="raster: the LlamaGen baseline")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder path")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
@@ -439,11 +449,17 @@ def get_parser():
     p.add_argument("--steps", type=common.positive_int, default=2000)
     p.add_argument("--batch-size", type=common.positive_int, default=32, help="per rank and micro-step")
     p.add_argument("--grad-accum", type=common.positive_int, default=1)
+    p.add_argument("--global-batch-size", type=common.positive_int, default=None,
+                   help="sets --batch-size to this / (processes x --grad-accum)")
     p.add_argument("--lr", type=common.positive_number, default=3e-3)
     p.add_argument("--min-lr-ratio", type=common.in_range(float, 0, 1), default=0.1)
     p.add_argument("--warmup-steps", type=common.non_negative_int, default=200)
+    p.add_argument("--warmup-from-zero", action="store_true", help="the releases' warm-up: lr 0 at the first step")
     p.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
     p.add_argument("--clip", type=common.positive_number, default=1.0)
+    p.add_argument("--skip-grad-norm", type=common.non_negative_number, default=0,
+                   help="skip an update whose summed per-tensor gradient norms reach this (0: never)")
+    p.add_argument("--skip-grad-from", type=common.non_negative_int, default=0, help="... from this step on")
     p.add_argument("--ema", type=common.probability, default=0.999, help="EMA decay of the sampling weights (0: off)")
     p.add_argument("--dropout", type=common.probability, default=None, help="override token/residual/FFN dropout")
     p.add_argument("--class-dropout", type=common.probability, default=None, help="override label dropout (CFG)")
@@ -464,7 +480,8 @@ def get_parser():
 
 def cli(argv=None):
     """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
-    common.run(main, get_parser().parse_args(argv), errors=(ValueError, FileNotFoundError, FloatingPointError, OSError))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    common.run(main, parse_args(argv), errors=(ValueError, FileNotFoundError, FloatingPointError, OSError))
 
 
 if __name__ == "__main__":
