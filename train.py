@@ -1,14 +1,15 @@
 r"""Train RandAR on pre-extracted VQ tokens: one command from nothing to samples.
 
     python train.py                                   # Fashion-MNIST demo on a laptop CPU
-    torchrun --nproc_per_node=8 train.py --preset L --data /path/to/imagenet --image-size 256 \
-        --tokenizer-ckpt vq_ds16_c2i.pt --batch-size 128 --lr 4e-4 --steps 360000
+    torchrun --nproc_per_node=8 train.py --config randar_l_0.3b_llamagen.yaml --data /path/to/imagenet \
+        --image-size 256 --tokenizer-ckpt vq_ds16_c2i.pt      # the L release's recipe
 
 With no tokenizer checkpoint in --out-dir, the small tokenizer is trained first; the dataset is
-encoded to tokens once (cached in --out-dir); then RandAR trains in random order (docs/algorithm.md §3),
-writing a sample grid (one row per class), validation loss, metrics and checkpoints. Re-running the
-same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel is used
-(gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
+encoded to tokens once (cached in --out-dir; token_cache.py); then RandAR trains in random order
+(docs/algorithm.md §3), writing a sample grid (one row per class), validation loss, metrics and
+checkpoints. A release's YAML (--config) sets the model and the training recipe (docs/algorithm.md §12).
+Re-running the same command resumes exactly where it stopped. Under torchrun, DistributedDataParallel
+is used (gloo on CPU, nccl on GPU); every file and log line comes from rank 0.
 """
 import copy
 import json
