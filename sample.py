@@ -402,7 +402,8 @@ def get_parser():
     add("bench", "--bench-batch", type=common.positive_int, default=32, help="the batch measured beside batch 1")
     add("bench", "--repeats", type=common.positive_int, default=3)
     add("bench", "--sizes", type=square_list, default=[64, 256], help="tokens N per image (squares; any grid size)")
-    add(images, "--vq-ckpt", default=None, help="tokenizer (default: tokenizer.pt beside --ckpt)")
+    add(images, "--vq-ckpt", default=None,
+        help="tokenizer: train.py's, vq_ds16_c2i.pt or MaskGIT's .bin (default: tokenizer.pt beside --ckpt)")
     add(images, "--out", default=None, help="figure to write (default: beside the checkpoint)")
     add(images, "--scale", type=common.positive_int, default=4, help="pixel upscaling of figures (nearest)")
     add(images, "--temperature", type=common.non_negative_number, default=1.0)

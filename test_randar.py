@@ -854,6 +854,13 @@ def test_maskgit_tokenizer_matches_reference(maskgit_fx, tmp_path):
     assert torch.equal(vq.decode_images(codes).permute(0, 2, 3, 1), maskgit_fx["uint8"])
     uint8 = (images * 255).round().to(torch.uint8)  # what sample.py's editing feeds: uint8 in
     assert torch.equal(vq.encode_images(uint8), vq.encode(uint8.float() / 255))
+    broken = {k: v for k, v in maskgit_fx["state_dict"].items() if not k.startswith("quantize")}
+    torch.save(broken, tmp_path / "broken.bin")
+    with pytest.raises(ValueError, match="looks like MaskGIT-VQ weights but lacks 'quantize.embedding.weight'"):
+        tok.load_tokenizer(str(tmp_path / "broken.bin"))
+    torch.save({**maskgit_fx["state_dict"], "decoder.extra": torch.zeros(1)}, tmp_path / "extra.bin")
+    with pytest.raises(ValueError, match="do not match"):
+        tok.load_tokenizer(str(tmp_path / "extra.bin"))
 
 
 def test_maskgit_release_layout_loads_strictly(maskgit_fx):

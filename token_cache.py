@@ -1,9 +1,12 @@
-"""train.py's first stages: the tokenizer (trained on rank 0 when there is none), then the token cache, every
-image encoded once by all ranks together on their devices, and the reading of that cache during training.
+"""train.py's first stages: the tokenizer (trained on rank 0 when there is none), then the token
+cache, every image encoded once by all ranks together on their devices, and the reading of that
+cache during training.
 
-An ImageFolder's training split is stored as the releases' was (docs/algorithm.md §12): every image's codes
-as is and of its mirror image (`tokens`, `tokens_flipped`), one of the two taken at each read.
+An ImageFolder's training split is stored as the releases' was (docs/algorithm.md §12): every
+image's codes as is and of its mirror image (`tokens`, `tokens_flipped`), one of the two taken at
+each read.
 """
+
 import os
 
 import torch
@@ -15,62 +18,96 @@ import tokenizer as tok
 
 
 def check_enough_images(args, world):
-    """Before any work: refuse a training split smaller than one batch of a stage that will run (an epoch
-    without a batch would otherwise start the next one forever)."""
-    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(os.path.join(args.out_dir, "tokenizer.pt"))
+    """Before any work: refuse a training split smaller than one batch of a stage that will run (an
+    epoch without a batch would otherwise start the next one forever)."""
+    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(
+        os.path.join(args.out_dir, "tokenizer.pt")
+    )
     if os.path.exists(os.path.join(args.out_dir, "tokens_train.pt")):
         return  # nothing left to read; train.py still checks the token file against the batch
     dataset = image_data.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
     n = len(image_data.limited(dataset, args.limit))
     if trains_tokenizer and n < args.tokenizer_batch_size:
-        raise ValueError(f"{n} training images are fewer than one tokenizer batch "
-                         f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size")
+        raise ValueError(
+            f"{n} training images are fewer than one tokenizer batch "
+            f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size"
+        )
     global_batch = args.batch_size * world * args.grad_accum
     if n < global_batch:
-        raise ValueError(f"{n} training images are fewer than one global batch ({global_batch} = "
-                         f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
-                         f"{args.grad_accum}); lower --batch-size")
+        raise ValueError(
+            f"{n} training images are fewer than one global batch ({global_batch} = "
+            f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
+            f"{args.grad_accum}); lower --batch-size"
+        )
 
 
 def prepare_tokens(args, rank, world, device):
-    """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits, encoded by
-    all ranks together on their devices (encode_split), refused if made from other inputs."""
+    """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits,
+    encoded by all ranks together on their devices (encode_split), refused if made from other
+    inputs."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
-    if args.workers is None:  # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
+    if (
+        args.workers is None
+    ):  # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
         args.workers = 0 if args.data == "fashion-mnist" else min(8, os.cpu_count() or 1)
-    data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit)
+    data = dict(
+        data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit
+    )
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps, batch_size=args.tokenizer_batch_size,
-                            seed=args.seed, device=device, workers=args.workers, **data)
+        tok.train_tokenizer(
+            args.out_dir,
+            steps=args.tokenizer_steps,
+            batch_size=args.tokenizer_batch_size,
+            seed=args.seed,
+            device=device,
+            workers=args.workers,
+            **data,
+        )
     common.barrier()
     files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
     for split, path in files.items():
         if not os.path.exists(path):
-            encode_split(ckpt, split, path, rank=rank, world=world, device=device, workers=args.workers, **data)
+            encode_split(
+                ckpt,
+                split,
+                path,
+                rank=rank,
+                world=world,
+                device=device,
+                workers=args.workers,
+                **data,
+            )
             common.barrier()
             if rank == 0 and world > 1:
                 join_parts(path, world)
             common.barrier()
         cache = common.load_torch_file(path, "token file")
-        wanted = encode_source(ckpt, split=split, **{k: v for k, v in data.items() if k != "data_dir"})
-        if cache.get("source") != wanted:  # a cache made from other data would silently train on the wrong tokens
-            raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
-                             f"another --out-dir")
+        wanted = encode_source(
+            ckpt, split=split, **{k: v for k, v in data.items() if k != "data_dir"}
+        )
+        if (
+            cache.get("source") != wanted
+        ):  # a cache made from other data would silently train on the wrong tokens
+            raise ValueError(
+                f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
+                f"another --out-dir"
+            )
         caches[split] = cache
     return ckpt, caches
 
 
 @torch.no_grad()
 def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0, flipped=False):
-    """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), and with flipped=True the tokens
-    of every image mirrored left-right (else None); on the model's device in fp32 (lower precision could move a
-    latent to another nearest code)."""
+    """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), and with flipped=True
+    the tokens of every image mirrored left-right (else None); on the model's device in fp32 (lower
+    precision could move a latent to another nearest code)."""
     tokens, mirrored, labels, device = [], [], [], model.device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
         tokens.append(model.encode_images(images).flatten(1).cpu())
         if flipped:
@@ -82,33 +119,62 @@ def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0
 
 
 def flip_pairs(data, split):
-    """Whether a split is stored with mirrored codes: an ImageFolder's training split, as the releases'."""
+    """Whether a split is stored with mirrored codes: an ImageFolder's training split, as the
+    releases'."""
     return data != "fashion-mnist" and split == "train"
 
 
 def encode_source(ckpt, data, split, image_size, limit):
     """What a token file was made from; train.py refuses a cache made from something else."""
-    source = {"data": data, "split": split, "image_size": image_size, "limit": limit,
-              "tokenizer": common.file_fingerprint(ckpt)}
+    source = {
+        "data": data,
+        "split": split,
+        "image_size": image_size,
+        "limit": limit,
+        "tokenizer": common.file_fingerprint(ckpt),
+    }
     if data != "fashion-mnist":  # how the images were read (caches from before these are refused)
         source.update(crop="adm", flip_pairs=flip_pairs(data, split))
     return source
 
 
-def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0, rank=0,
-                 world=1, device="cpu", workers=0):
-    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the images into its
-    own part file, and rank 0 joins the parts in order (join_parts): the same file for any number of ranks."""
+def encode_split(
+    ckpt,
+    split,
+    out,
+    data="fashion-mnist",
+    data_dir=None,
+    image_size=32,
+    limit=0,
+    rank=0,
+    world=1,
+    device="cpu",
+    workers=0,
+):
+    """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the
+    images into its own part file, and rank 0 joins the parts in order (join_parts): the same file
+    for any number of ranks.
+    """
     model = tok.load_tokenizer(ckpt, device)
     dataset, num_classes = image_data.open_dataset(data, split, data_dir, image_size)
     dataset = image_data.limited(dataset, limit)
     tok.check_fits(model.config, dataset)
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
-    tokens, labels, mirrored = encode_dataset(model, torch.utils.data.Subset(dataset, range(lo, hi)),
-                                              show_progress=rank == 0, workers=workers,
-                                              flipped=flip_pairs(data, split))
-    cache = {"num_classes": num_classes, "vocab_size": model.config.codebook_size, "tokenizer": os.path.abspath(ckpt),
-             "source": encode_source(ckpt, data, split, image_size, limit), "tokens": tokens, "labels": labels}
+    tokens, labels, mirrored = encode_dataset(
+        model,
+        torch.utils.data.Subset(dataset, range(lo, hi)),
+        show_progress=rank == 0,
+        workers=workers,
+        flipped=flip_pairs(data, split),
+    )
+    cache = {
+        "num_classes": num_classes,
+        "vocab_size": model.config.codebook_size,
+        "tokenizer": os.path.abspath(ckpt),
+        "source": encode_source(ckpt, data, split, image_size, limit),
+        "tokens": tokens,
+        "labels": labels,
+    }
     if mirrored is not None:
         cache["tokens_flipped"] = mirrored
     common.save_atomic(cache, out if world == 1 else f"{out}.part{rank}of{world}")
@@ -125,8 +191,9 @@ def join_parts(out, world):
 
 
 def flip_coins(cache, seed, epoch):
-    """Which images read their mirrored codes this epoch (None: the cache has none). Drawn from (seed, epoch)
-    alone, for all images at once: the same for any number of processes, and after a resume."""
+    """Which images read their mirrored codes this epoch (None: the cache has none). Drawn from
+    (seed, epoch) alone, for all images at once: the same for any number of processes, and after a
+    resume."""
     if "tokens_flipped" not in cache:
         return None
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

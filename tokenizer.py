@@ -273,7 +273,11 @@ def load_tokenizer(path, device="cpu"):
     MaskGIT's released state dict (strict load)."""
     ckpt = load_torch_file(path, "tokenizer checkpoint")
     if "encoder.down.0.block.0.conv1.weight" in ckpt:  # MaskGIT-VQ: a bare state dict, sizes from its shapes
-        return load_strict(MaskGITVQ(MaskGITConfig.from_state_dict(ckpt)), ckpt, path, device)
+        try:
+            cfg = MaskGITConfig.from_state_dict(ckpt)
+        except (KeyError, AttributeError, IndexError, ValueError) as e:
+            raise ValueError(f"{path} looks like MaskGIT-VQ weights but lacks {e}") from None
+        return load_strict(MaskGITVQ(cfg), ckpt, path, device)
     state = ckpt.get("model")
     if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
         what = "a RandAR checkpoint" if isinstance(state, dict) and "tok_embeddings.weight" in state else "another file"

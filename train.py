@@ -89,7 +89,8 @@ def main(args):
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
     resolve_batch_size(args, world)
-    token_cache.check_enough_images(args, world)
+    # rank 0 alone reads the data (it may download it); every rank gets its answer
+    common.rank0_decides(lambda: token_cache.check_enough_images(args, world), rank)
     lock = []  # one job per folder: two would overwrite each other's checkpoints
     common.rank0_decides(lambda: lock.append(common.FolderLock(args.out_dir, "--out-dir")), rank)
     try:
@@ -384,18 +385,20 @@ def yaml_value(tree, dotted_key):
 
 
 def release_flags(path):
-    """The flags a release YAML's training settings stand for. Its scheduler warms up from 0; no EMA unless the
-    YAML asks for one (the releases say `ema: False`)."""
+    """{flag: value or None} that a release YAML's training settings stand for. Its scheduler warms up from 0;
+    no EMA unless the YAML asks for one (the releases say `ema: False`)."""
     tree = common.read_yaml(path)
     for key, value in RELEASE_FIXED.items():
         found = yaml_value(tree, key)
         if found is not None and found != value:
             raise ValueError(f"{path}: {key} is {found!r}; train.py implements {value!r} only")
-    flags = ["--warmup-from-zero"] + ([] if tree.get("ema") else ["--ema", "0"])
+    flags = {"--warmup-from-zero": None}
+    if not tree.get("ema"):
+        flags["--ema"] = "0"
     for key, flag in RELEASE_FLAGS.items():
         value = yaml_value(tree, key)
         if value is not None:
-            flags += [flag, str(value)]
+            flags[flag] = str(value)
     return flags
 
 
@@ -421,14 +424,14 @@ def parse_args(argv):
         parser.error(f"--config not found: {args.config}")
     try:
         flags = release_flags(args.config)
-        parser.parse_args(flags)  # the YAML's values, checked as the flags would be
-    except (ValueError, SystemExit) as e:
+        if any(a == "--batch-size" or a.startswith("--batch-size=") for a in argv):
+            flags.pop("--global-batch-size", None)
+        yaml_argv = [part for flag, value in flags.items() for part in (flag, value) if part is not None]
+        parser.parse_args(yaml_argv)  # the YAML's values, checked as the flags would be
+    except (ValueError, OSError, SystemExit) as e:
         reason = re.sub(r"^error: [^:]*: ", "", str(getattr(e, "code", e)))  # the parser's prefix
-        sys.exit(f"error: {args.config}: {reason}")
-    if any(a == "--batch-size" or a.startswith("--batch-size=") for a in argv):
-        at = flags.index("--global-batch-size") if "--global-batch-size" in flags else None
-        flags = flags if at is None else flags[:at] + flags[at + 2:]
-    return parser.parse_args(flags + argv)
+        sys.exit(f"error: {reason}" if reason.startswith(args.config) else f"error: {args.config}: {reason}")
+    return parser.parse_args(yaml_argv + argv)
 
 
 def get_parser():
