@@ -1,9 +1,8 @@
 """The image data: Fashion-MNIST (IDX files: the Debian package, a folder, or downloaded) and
 ImageFolders (one subfolder per class, as ImageNet), read as uint8 images with integer labels. An
 ImageFolder is cropped as the releases' data was (ADM's centre crop, docs/algorithm.md §12);
-train.py encodes it, with flipped copies.
+token_cache.py encodes it, with mirrored copies.
 """
-
 import gzip
 import math
 import os
@@ -14,6 +13,7 @@ from PIL import Image
 
 from common import download
 
+
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MD5 = {  # checksums of the official files
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -22,9 +22,8 @@ FASHION_MD5 = {  # checksums of the official files
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]  # Debian package dataset-fashion-mnist
-FASHION_NUM_CLASSES = (
-    10  # T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
-)
+# T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
+FASHION_NUM_CLASSES = 10
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -33,7 +32,7 @@ def read_idx(path):
         with gzip.open(path, "rb") as f:
             data = f.read()
         ndim = data[3]
-        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
         if data[:3] != b"\x00\x00\x08" or len(data) != 4 + 4 * ndim + math.prod(shape):
             raise ValueError("bad header")
     except (OSError, EOFError, ValueError, IndexError) as e:
@@ -48,23 +47,20 @@ def fashion_mnist(split, data_dir=None, url=FASHION_URL):
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data directory not found: {data_dir}")
     search = [data_dir] if data_dir else FASHION_DIRS
-    folder = next(
-        (d for d in search if all(os.path.isfile(os.path.join(d, n)) for n in names)), None
-    )
+    has_all = [d for d in search if all(os.path.isfile(os.path.join(d, n)) for n in names)]
+    folder = has_all[0] if has_all else None
     if folder is None:  # download into data_dir, or a user cache
-        folder = data_dir or os.path.join(
-            os.path.expanduser("~"), ".cache", "randar", "fashion-mnist"
-        )
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "randar", "fashion-mnist")
+        folder = data_dir or cache
         os.makedirs(folder, exist_ok=True)
         for n in names:
             if not os.path.isfile(os.path.join(folder, n)):
                 try:
                     download(url + n, os.path.join(folder, n), FASHION_MD5[n])
                 except OSError as e:
-                    raise OSError(
-                        f"{e}; pass --data-dir DIR holding the four Fashion-MNIST IDX .gz files, "
-                        f"or install the Debian package dataset-fashion-mnist"
-                    ) from None
+                    raise OSError(f"{e}; pass --data-dir DIR holding the four Fashion-MNIST IDX "
+                                  f".gz files, or install the Debian package dataset-fashion-mnist"
+                                  ) from None
     images = read_idx(os.path.join(folder, names[0]))
     labels = read_idx(os.path.join(folder, names[1]))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
@@ -76,8 +72,7 @@ def fashion_mnist(split, data_dir=None, url=FASHION_URL):
 def center_crop_adm(image, size):
     """ADM's centre crop, the releases' preprocessing (docs/algorithm.md §12): halve with a box
     filter while the short side is at least 2 * size, resize (bicubic) so that the short side is
-    size, each side rounded, then cut the centre. PIL image -> uint8 array (size, size,
-    channels)."""
+    size, each side rounded, then cut the centre. PIL image -> uint8 array (size, size, C)."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -85,7 +80,7 @@ def center_crop_adm(image, size):
     array = np.asarray(image)
     top = (array.shape[0] - size) // 2
     left = (array.shape[1] - size) // 2
-    return array[top : top + size, left : left + size]
+    return array[top:top + size, left:left + size]
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -95,16 +90,12 @@ class ImageFolder(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data directory not found: {root}")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.items = [
-            (os.path.join(root, c, f), i)
-            for i, c in enumerate(self.classes)
-            for f in sorted(os.listdir(os.path.join(root, c)))
-            if f.lower().endswith(IMAGE_EXTS)
-        ]
+        self.items = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c)))
+                      if f.lower().endswith(IMAGE_EXTS)]
         if not self.items:
-            raise ValueError(
-                f"no images found in {root} (expected {root}/<class>/<image>{IMAGE_EXTS})"
-            )
+            raise ValueError(f"no images found in {root} "
+                             f"(expected {root}/<class>/<image>{IMAGE_EXTS})")
         self.image_size = image_size
 
     def __len__(self):
@@ -129,14 +120,8 @@ def open_dataset(data, split="train", data_dir=None, image_size=32):
         images, labels = fashion_mnist(split, data_dir)
         return torch.utils.data.TensorDataset(images, labels), FASHION_NUM_CLASSES
     # data/<split>/<class>/... (ImageNet calls its held-out split "val"), else data/<class>/...
-    sub = next(
-        (
-            os.path.join(data, s)
-            for s in [split] + (["val"] if split == "test" else [])
-            if os.path.isdir(os.path.join(data, s))
-        ),
-        data,
-    )
+    sub = next((os.path.join(data, s) for s in [split] + (["val"] if split == "test" else [])
+                if os.path.isdir(os.path.join(data, s))), data)
     ds = ImageFolder(sub, image_size)
     return ds, len(ds.classes)
 

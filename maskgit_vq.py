@@ -9,7 +9,6 @@ so the file loads strictly; tokenizer.load_tokenizer recognises it. The file hol
 size is read off the weights' shapes (MaskGITConfig.from_state_dict). Conventions:
 docs/algorithm.md §10.
 """
-
 import re
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ class MaskGITConfig:
     hidden_channels: int = 128
     channel_mult: tuple = (1, 1, 2, 2, 4)  # one level each; the last has no pooling
     num_res_blocks: int = 2
-    z_channels: int = 256  # also the codes' width
+    z_channels: int = 256                  # also the codes' width
     num_embeddings: int = 1024
     in_channels: int = 3
 
@@ -37,25 +36,20 @@ class MaskGITConfig:
 
     @classmethod
     def from_state_dict(cls, state):
-        """The sizes a state dict of this architecture was built with (the release file has no
-        config)."""
+        """The sizes a state dict of this architecture was built with (releases carry no config)."""
         hidden, in_channels = state["encoder.conv_in.weight"].shape[:2]
-        levels = 1 + max(
-            int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))
-        )
-        blocks = 1 + max(
-            int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)", k))
-        )
+        levels = 1 + max(index_in(state, r"encoder\.down\.(\d+)\."))
+        blocks = 1 + max(index_in(state, r"encoder\.down\.0\.block\.(\d+)\."))
         widths = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
         num_embeddings, z_channels = state["quantize.embedding.weight"].shape
-        return cls(
-            hidden_channels=hidden,
-            channel_mult=tuple(w // hidden for w in widths),
-            num_res_blocks=blocks,
-            z_channels=z_channels,
-            num_embeddings=num_embeddings,
-            in_channels=in_channels,
-        )
+        return cls(hidden_channels=hidden, channel_mult=tuple(w // hidden for w in widths),
+                   num_res_blocks=blocks, z_channels=z_channels, num_embeddings=num_embeddings,
+                   in_channels=in_channels)
+
+
+def index_in(state, pattern):
+    """The integers a state dict's names hold at the pattern's group, e.g. every level's index."""
+    return {int(m.group(1)) for name in state if (m := re.match(pattern, name))}
 
 
 def Norm(channels):
@@ -69,9 +63,7 @@ def Conv(c_in, c_out, kernel_size, bias=True):
 
 class ResnetBlock(nn.Module):
     """Bias-free convolutions. Where the width changes, the shortcut is a 1x1 convolution of the
-    block's *output*, not of its input: the released weights were trained so (their shapes are out x
-    out).
-    """
+    block's *output*, not of its input: the released weights were trained so (shapes out x out)."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -90,8 +82,7 @@ class ResnetBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution's ResnetBlocks (`block`), and in the decoder the convolution after
-    upsampling."""
+    """One resolution's ResnetBlocks (`block`); in the decoder, the convolution after upsampling."""
 
     def __init__(self, c_in, c_out, num_blocks, upsample=False):
         super().__init__()
@@ -108,18 +99,19 @@ class Level(nn.Module):
         return x
 
 
+def middle(width, num_blocks):
+    return nn.ModuleList(ResnetBlock(width, width) for _ in range(num_blocks))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         widths = [cfg.hidden_channels * m for m in cfg.channel_mult]
         inputs = [cfg.hidden_channels] + widths[:-1]
         self.conv_in = Conv(cfg.in_channels, cfg.hidden_channels, 3, bias=False)
-        self.down = nn.ModuleList(
-            Level(c_in, c_out, cfg.num_res_blocks) for c_in, c_out in zip(inputs, widths)
-        )
-        self.mid = nn.ModuleList(
-            ResnetBlock(widths[-1], widths[-1]) for _ in range(cfg.num_res_blocks)
-        )
+        self.down = nn.ModuleList(Level(c_in, c_out, cfg.num_res_blocks)
+                                  for c_in, c_out in zip(inputs, widths))
+        self.mid = middle(widths[-1], cfg.num_res_blocks)
         self.norm_out = Norm(widths[-1])
         self.conv_out = Conv(widths[-1], cfg.z_channels, 1)
 
@@ -138,18 +130,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         widths = [cfg.hidden_channels * m for m in cfg.channel_mult]
-        inputs = (
-            widths[1:] + widths[-1:]
-        )  # up.i reads what up.(i+1) wrote; the deepest reads the middle
+        inputs = widths[1:] + widths[-1:]  # up.i reads up.(i+1)'s output; the deepest, the middle's
         self.conv_in = Conv(cfg.z_channels, widths[-1], 3)
-        self.mid = nn.ModuleList(
-            ResnetBlock(widths[-1], widths[-1]) for _ in range(cfg.num_res_blocks)
-        )
+        self.mid = middle(widths[-1], cfg.num_res_blocks)
         # up.0 is the full resolution and runs last (the release's numbering)
-        self.up = nn.ModuleList(
-            Level(inputs[i], widths[i], cfg.num_res_blocks, upsample=i > 0)
-            for i in range(len(widths))
-        )
+        self.up = nn.ModuleList(Level(inputs[i], widths[i], cfg.num_res_blocks, upsample=i > 0)
+                                for i in range(len(widths)))
         self.norm_out = Norm(widths[0])
         self.conv_out = Conv(widths[0], cfg.in_channels, 3)
 

@@ -20,83 +20,60 @@ import tokenizer as tok
 def check_enough_images(args, world):
     """Before any work: refuse a training split smaller than one batch of a stage that will run (an
     epoch without a batch would otherwise start the next one forever)."""
-    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(
-        os.path.join(args.out_dir, "tokenizer.pt")
-    )
+    own_tokenizer = os.path.join(args.out_dir, "tokenizer.pt")
+    trains_tokenizer = not args.tokenizer_ckpt and not os.path.exists(own_tokenizer)
     if os.path.exists(os.path.join(args.out_dir, "tokens_train.pt")):
         return  # nothing left to read; train.py still checks the token file against the batch
     dataset = image_data.open_dataset(args.data, "train", args.data_dir, args.image_size)[0]
     n = len(image_data.limited(dataset, args.limit))
     if trains_tokenizer and n < args.tokenizer_batch_size:
-        raise ValueError(
-            f"{n} training images are fewer than one tokenizer batch "
-            f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size"
-        )
+        raise ValueError(f"{n} training images are fewer than one tokenizer batch "
+                         f"({args.tokenizer_batch_size}); lower --tokenizer-batch-size")
     global_batch = args.batch_size * world * args.grad_accum
     if n < global_batch:
-        raise ValueError(
-            f"{n} training images are fewer than one global batch ({global_batch} = "
-            f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
-            f"{args.grad_accum}); lower --batch-size"
-        )
+        raise ValueError(f"{n} training images are fewer than one global batch ({global_batch} = "
+                         f"--batch-size {args.batch_size} x {world} processes x --grad-accum "
+                         f"{args.grad_accum}); lower --batch-size")
 
 
 def prepare_tokens(args, rank, world, device):
     """Tokenizer checkpoint (trained here if missing, on rank 0) and the token files of both splits,
-    encoded by all ranks together on their devices (encode_split), refused if made from other
-    inputs."""
+    encoded by all ranks together on their devices (encode_split)."""
     ckpt = args.tokenizer_ckpt or os.path.join(args.out_dir, "tokenizer.pt")
-    if (
-        args.workers is None
-    ):  # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
+    if args.workers is None:
+        # JPEG decoding of an ImageFolder would starve the device; Fashion-MNIST is in memory
         args.workers = 0 if args.data == "fashion-mnist" else min(8, os.cpu_count() or 1)
-    data = dict(
-        data=args.data, data_dir=args.data_dir, image_size=args.image_size, limit=args.limit
-    )
+    data = dict(data=args.data, data_dir=args.data_dir, image_size=args.image_size,
+                limit=args.limit)
     if args.tokenizer_ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--tokenizer-ckpt not found: {ckpt}")
     if rank == 0 and not os.path.exists(ckpt):
-        tok.train_tokenizer(
-            args.out_dir,
-            steps=args.tokenizer_steps,
-            batch_size=args.tokenizer_batch_size,
-            seed=args.seed,
-            device=device,
-            workers=args.workers,
-            **data,
-        )
+        tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps,
+                            batch_size=args.tokenizer_batch_size, seed=args.seed, device=device,
+                            workers=args.workers, **data)
     common.barrier()
-    files = {s: os.path.join(args.out_dir, f"tokens_{s}.pt") for s in ("train", "test")}
     caches = {}
-    for split, path in files.items():
+    for split in ("train", "test"):
+        path = os.path.join(args.out_dir, f"tokens_{split}.pt")
         if not os.path.exists(path):
-            encode_split(
-                ckpt,
-                split,
-                path,
-                rank=rank,
-                world=world,
-                device=device,
-                workers=args.workers,
-                **data,
-            )
+            encode_split(ckpt, split, path, rank=rank, world=world, device=device,
+                         workers=args.workers, **data)
             common.barrier()
             if rank == 0 and world > 1:
                 join_parts(path, world)
             common.barrier()
-        cache = common.load_torch_file(path, "token file")
-        wanted = encode_source(
-            ckpt, split=split, **{k: v for k, v in data.items() if k != "data_dir"}
-        )
-        if (
-            cache.get("source") != wanted
-        ):  # a cache made from other data would silently train on the wrong tokens
-            raise ValueError(
-                f"{path} was encoded from {cache.get('source')}, not {wanted}; delete it or use "
-                f"another --out-dir"
-            )
-        caches[split] = cache
+        caches[split] = load_cache(path, ckpt, split, data)
     return ckpt, caches
+
+
+def load_cache(path, ckpt, split, data):
+    """A token file, refused if made from other inputs (it would silently train on wrong tokens)."""
+    cache = common.load_torch_file(path, "token file")
+    wanted = encode_source(ckpt, data["data"], split, data["image_size"], data["limit"])
+    if cache.get("source") != wanted:
+        raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; "
+                         f"delete it or use another --out-dir")
+    return cache
 
 
 @torch.no_grad()
@@ -105,9 +82,8 @@ def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0
     the tokens of every image mirrored left-right (else None); on the model's device in fp32 (lower
     precision could move a latent to another nearest code)."""
     tokens, mirrored, labels, device = [], [], [], model.device
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
         tokens.append(model.encode_images(images).flatten(1).cpu())
         if flipped:
@@ -126,55 +102,29 @@ def flip_pairs(data, split):
 
 def encode_source(ckpt, data, split, image_size, limit):
     """What a token file was made from; train.py refuses a cache made from something else."""
-    source = {
-        "data": data,
-        "split": split,
-        "image_size": image_size,
-        "limit": limit,
-        "tokenizer": common.file_fingerprint(ckpt),
-    }
+    source = {"data": data, "split": split, "image_size": image_size, "limit": limit,
+              "tokenizer": common.file_fingerprint(ckpt)}
     if data != "fashion-mnist":  # how the images were read (caches from before these are refused)
         source.update(crop="adm", flip_pairs=flip_pairs(data, split))
     return source
 
 
-def encode_split(
-    ckpt,
-    split,
-    out,
-    data="fashion-mnist",
-    data_dir=None,
-    image_size=32,
-    limit=0,
-    rank=0,
-    world=1,
-    device="cpu",
-    workers=0,
-):
+def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_size=32, limit=0,
+                 rank=0, world=1, device="cpu", workers=0):
     """Encode one split to `out`. Under torchrun each rank encodes a contiguous 1/world of the
     images into its own part file, and rank 0 joins the parts in order (join_parts): the same file
-    for any number of ranks.
-    """
+    for any number of ranks."""
     model = tok.load_tokenizer(ckpt, device)
     dataset, num_classes = image_data.open_dataset(data, split, data_dir, image_size)
     dataset = image_data.limited(dataset, limit)
     tok.check_fits(model.config, dataset)
     lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
-    tokens, labels, mirrored = encode_dataset(
-        model,
-        torch.utils.data.Subset(dataset, range(lo, hi)),
-        show_progress=rank == 0,
-        workers=workers,
-        flipped=flip_pairs(data, split),
-    )
-    cache = {
-        "num_classes": num_classes,
-        "vocab_size": model.config.codebook_size,
-        "tokenizer": os.path.abspath(ckpt),
-        "source": encode_source(ckpt, data, split, image_size, limit),
-        "tokens": tokens,
-        "labels": labels,
-    }
+    my_slice = torch.utils.data.Subset(dataset, range(lo, hi))
+    tokens, labels, mirrored = encode_dataset(model, my_slice, show_progress=rank == 0,
+                                              workers=workers, flipped=flip_pairs(data, split))
+    cache = {"num_classes": num_classes, "vocab_size": model.config.codebook_size,
+             "tokenizer": os.path.abspath(ckpt), "tokens": tokens, "labels": labels,
+             "source": encode_source(ckpt, data, split, image_size, limit)}
     if mirrored is not None:
         cache["tokens_flipped"] = mirrored
     common.save_atomic(cache, out if world == 1 else f"{out}.part{rank}of{world}")
