@@ -139,8 +139,9 @@ def resize_like_tensorflow(x, size):
         src = torch.arange(out, dtype=torch.float32, device=x.device) * torch.tensor(n / out, dtype=torch.float32)
         low = src.floor()
         frac = (src - low).view([-1 if d == dim else 1 for d in range(4)])
-        a = x.index_select(dim, low.long())
-        b = x.index_select(dim, (low.long() + 1).clamp(max=n - 1))
+        index = low.long()
+        a = x.index_select(dim, index)
+        b = x.index_select(dim, (index + 1).clamp(max=n - 1))
         x = a + (b - a) * frac
     return x
 

@@ -47,8 +47,8 @@ def fashion_mnist(split, data_dir=None, url=FASHION_URL):
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data directory not found: {data_dir}")
     search = [data_dir] if data_dir else FASHION_DIRS
-    has_all = [d for d in search if all(os.path.isfile(os.path.join(d, n)) for n in names)]
-    folder = has_all[0] if has_all else None
+    holding_all = (d for d in search if all(os.path.isfile(os.path.join(d, n)) for n in names))
+    folder = next(holding_all, None)
     if folder is None:  # download into data_dir, or a user cache
         cache = os.path.join(os.path.expanduser("~"), ".cache", "randar", "fashion-mnist")
         folder = data_dir or cache

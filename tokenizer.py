@@ -290,7 +290,7 @@ def load_tokenizer(path, device="cpu"):
 def load_strict(model, state, path, device):
     try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 

@@ -149,7 +149,8 @@ def run_training(args, rank, world, device):
     log.bar.close()
     if is_main:
         skipped = f" ({run.skipped} skipped by the gradient-skip rule)" if args.skip_grad_norm else ""
-        print(f"done: {run.step} steps{skipped}; checkpoint {run.last}, samples {os.path.join(args.out_dir, 'samples.png')}")
+        samples = os.path.join(args.out_dir, "samples.png")
+        print(f"done: {run.step} steps{skipped}; checkpoint {run.last}, samples {samples}")
 
 
 def evaluate_and_save(run, log, test_tokens, vq, ctx):
