@@ -1,11 +1,11 @@
-"""What every script shares: checkpoints read safely (weights_only), outputs written atomically (a crash never
-leaves a half-written file), streamed .npz files, one job per folder, one-line command-line errors.
+"""What every script shares: checkpoints read safely (weights_only), outputs written atomically (a
+crash never leaves a half-written file), streamed .npz files, one job per folder, one-line
+command-line errors.
 """
 import argparse
 import datetime
 import fcntl
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints: ours (torch.save'd dicts) and the released RandAR format.
 
@@ -30,111 +29,27 @@ def load_torch_file(path, what):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = "refused: it contains code or objects" if "Weights only load failed" in str(e) else "not a checkpoint"
+        if "Weights only load failed" in str(e):
+            reason = "refused: it contains code or objects"
+        else:
+            reason = "not a checkpoint"
         raise ValueError(f"{path} is not a {what} ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
-        raise ValueError(f"{path} is not a {what} (truncated or not a torch file: {reason})") from None
+        raise ValueError(f"{path} is not a {what} "
+                         f"(truncated or not a torch file: {reason})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a {what} (holds a {type(obj).__name__}, not a dict)")
     return obj
-
-
-# Released checkpoints: the official `.safetensors` state dict + its YAML config, read without extra
-# dependencies (safetensors: 8-byte little-endian header length, JSON header, raw little-endian data).
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; a malformed file is a ValueError naming it."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-        tensors, base = {}, 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            numel = math.prod(info["shape"])
-            if end - start != numel * dtype.itemsize or base + end > len(data):
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start) if numel else \
-                torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid .safetensors file ({e})") from None
-    return tensors
-
-
-def read_yaml(path):
-    """A RandAR YAML config -> nested dict, with only as much YAML as those configs use: `key: value` lines of
-    plain scalars, blocks by indentation. A `- item` line or a flow value (`[...]`) becomes a list; comments go."""
-    root, parents = {}, []  # parents: (indent, the dict of the block a deeper line belongs to)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].rstrip()
-            if not line:
-                continue
-            depth = len(line) - len(line.lstrip())
-            while parents and parents[-1][0] >= depth:
-                parents.pop()
-            block = parents[-1][1] if parents else root
-            text = line.strip()
-            if text.startswith("- "):  # an item of the list the block above opened
-                items = block.setdefault("__items__", [])
-                items.append(yaml_scalar(text[2:].strip()))
-                continue
-            key, colon, value = (part.strip() for part in text.partition(":"))
-            if not colon:
-                raise ValueError(f"{path}:{lineno}: {text!r} is not a 'key: value' line")
-            if value:
-                block[key] = yaml_scalar(value)
-            else:
-                block[key] = {}
-                parents.append((depth, block[key]))
-    return lists_in_place(root)
-
-
-def lists_in_place(block):
-    """A block that holds only `- item` lines is that list."""
-    if isinstance(block, dict):
-        if set(block) == {"__items__"}:
-            return block["__items__"]
-        return {k: lists_in_place(v) for k, v in block.items()}
-    return block
-
-
-def read_official_yaml(path):
-    """The model's config of a RandAR YAML: its `ar_model:` -> `params:` block, plain scalars only."""
-    params = read_yaml(path).get("ar_model", {})
-    params = params.get("params", {}) if isinstance(params, dict) else {}
-    if not isinstance(params, dict) or not params:
-        raise ValueError(f"{path} has no ar_model.params block of 'key: value' lines")
-    for key, value in params.items():
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"{path}: ar_model.params.{key} is not a plain 'key: value' (nested values are not "
-                             f"supported)")
-    return params
-
-
-def yaml_scalar(text):
-    try:
-        return json.loads(text)  # integers, floats, true, false, null
-    except ValueError:
-        return {"true": True, "false": False, "none": None, "~": None}.get(text.lower(), text.strip("'\""))
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing outputs: images and files.
 
 def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1, col_labels=()):
-    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows and above the
-    columns; scale > 1 enlarges every image (nearest) so small images stay readable."""
+    """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows
+    and above the columns; scale > 1 enlarges every image (nearest) so small images stay
+    readable."""
     if scale > 1:
         images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     B, C, H, W = images_uint8.shape
@@ -146,26 +61,35 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1,
         canvas.paste(Image.fromarray(arr[..., 0] if C == 1 else arr),
                      (label_width + (i % nrow) * (W + pad), top + (i // nrow) * (H + pad)))
     draw = ImageDraw.Draw(canvas)
-    for r, text in enumerate(row_labels):
-        draw.text((2, top + r * (H + pad) + H // 2 - 5), text, fill=0)
+    for r, text in enumerate(row_labels):  # centred on the row, a text line being ~11 px high
+        y = top + r * (H + pad) + H // 2 - 6 * (text.count("\n") + 1)
+        draw.text((2, y), text, fill=0)
     for c, text in enumerate(col_labels):
         draw.text((label_width + c * (W + pad) + 2, 0), text, fill=0)
     return canvas
 
 
+def label_width(labels):
+    """Pixels for row labels in PIL's default font (about 6 px a character) and a margin."""
+    return 6 * max((len(line) for text in labels for line in text.split("\n")), default=0) + 8
+
+
 def check_output(path):
-    """Refuse, before the work rather than after it, an output that is a folder or cannot be created."""
+    """Refuse, before the work rather than after it, an output that is a folder or cannot be
+    created."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path} is a directory, expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise PermissionError(f"output {path} cannot be written ({folder} is not a writable folder)")
+        raise PermissionError(f"output {path} cannot be written ({folder} "
+                              "is not a writable folder)")
 
 
 def temp_path(path):
-    """A temporary name beside path (same folder: the final rename is atomic); the folder is created."""
+    """A temporary name beside path (same folder: the final rename is atomic); the folder is
+    created."""
     check_output(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
@@ -173,19 +97,22 @@ def temp_path(path):
 
 
 def remove_stale_temps(path):
-    """The temporaries of path that write_atomic leaves when its process is killed mid-write. Only for a
-    path no other live process writes (the caller holds its folder's lock)."""
-    folder, (root, ext) = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))
+    """The temporaries of path that write_atomic leaves when its process is killed mid-write. Only
+    for a path no other live process writes (the caller holds its folder's lock)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(os.path.basename(path))
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if re.fullmatch(re.escape(root) + r"\.tmp\d+" + re.escape(ext), name):
             os.remove(os.path.join(folder, name))
 
 
 class WriteErrors:
-    """A file that keeps the OSError of a failed write: torch.save's RuntimeError would hide why (disk full)."""
+    """A file that keeps the OSError of a failed write: torch.save's RuntimeError would hide why
+    (disk full)."""
 
     def __init__(self, f):
-        self.f, self.error = f, None
+        self.f = f
+        self.error = None
 
     def write(self, data):
         try:
@@ -199,23 +126,25 @@ class WriteErrors:
 
 
 def write_atomic(write, path):
-    """write(file object) into a temporary file, flushed to disk, then renamed onto path: a crash or a
-    failed write (disk full, quota) leaves the old file intact, no temporary behind, and one OSError
-    naming the path."""
-    tmp, recorded = temp_path(path), None
+    """write(file object) into a temporary file, flushed to disk, then renamed onto path: a crash or
+    a failed write (disk full, quota) leaves the old file intact, no temporary behind, and one
+    OSError naming the path."""
+    tmp = temp_path(path)
+    recorded = None
     try:
         with open(tmp, "wb") as f:
             recorded = WriteErrors(f)
             write(recorded)
             f.flush()
-            os.fsync(f.fileno())  # a full disk can surface only here; the rename must not come first
+            # a full disk can surface only here; the rename must not come first
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         cause = (recorded and recorded.error) or e
         if not isinstance(cause, OSError):
             raise
-        raise OSError(f"cannot write {path}: {cause.strerror or cause} (any previous {os.path.basename(path)} is "
-                      f"intact)") from None
+        raise OSError(f"cannot write {path}: {cause.strerror or cause} (any previous "
+                      f"{os.path.basename(path)} is intact)") from None
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -232,7 +161,8 @@ def save_atomic(obj, path):
 
 
 def file_fingerprint(path, block=1 << 20):
-    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is replaced."""
+    """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is
+    replaced."""
     size = os.path.getsize(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -243,9 +173,11 @@ def file_fingerprint(path, block=1 << 20):
 
 
 def download(url, dest, md5):
-    """url -> dest, md5-checked, through torch.hub's downloader; a failure leaves nothing behind and is one error."""
+    """url -> dest, md5-checked, through torch.hub's downloader; a failure leaves nothing behind and
+    is one error."""
     tmp = dest + ".part"
-    socket.setdefaulttimeout(60)  # torch.hub's downloader sets no timeout: a stalled server must fail, not hang
+    # torch.hub's downloader sets no timeout: a stalled server must fail, not hang
+    socket.setdefaulttimeout(60)
     try:
         torch.hub.download_url_to_file(url, tmp)
         with open(tmp, "rb") as f:
@@ -265,14 +197,14 @@ def download(url, dest, md5):
 # that 50,000 images never need to be in memory at once.
 
 def write_npz(f, members):
-    """members: {name: (dtype, shape, iterable of arrays whose rows fill shape in order)} -> an .npz in the
-    open file f. Fixed timestamps: the same arrays always give the same bytes."""
+    """members: {name: (dtype, shape, iterable of arrays whose rows fill shape in order)} -> an .npz
+    in the open file f. Fixed timestamps: the same arrays always give the same bytes."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, (dtype, shape, pieces) in members.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as out:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                          "shape": tuple(shape)}
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                          "fortran_order": False, "shape": tuple(shape)}
                 np.lib.format.write_array_header_1_0(out, header)
                 written = 0
                 for piece in pieces:
@@ -280,12 +212,14 @@ def write_npz(f, members):
                     out.write(piece.data)
                     written += piece.size
                 if written != math.prod(shape):
-                    raise ValueError(f"npz member {name}: got {written} values for shape {tuple(shape)}")
+                    raise ValueError(f"npz member {name}: got {written} values "
+                                     f"for shape {tuple(shape)}")
 
 
 def save_atomic_npz(path, **arrays):
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    write_atomic(lambda f: write_npz(f, {k: (a.dtype, a.shape, [a]) for k, a in arrays.items()}), path)
+    write_atomic(lambda f: write_npz(f,
+                                     {k: (a.dtype, a.shape, [a]) for k, a in arrays.items()}), path)
 
 
 def npz_names(path):
@@ -294,24 +228,27 @@ def npz_names(path):
         with zipfile.ZipFile(path) as zf:
             return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
     except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]})") from None
+        cause = f"{type(e).__name__}: {str(e)[:80]}"
+        raise ValueError(f"{path} is not a readable .npz ({cause})") from None
 
 
 def npz_array(path, name):
-    """One array of an .npz: memory-mapped when the member is stored uncompressed (np.savez, write_npz),
-    else read whole (np.savez_compressed)."""
+    """One array of an .npz: memory-mapped when the member is stored uncompressed (np.savez,
+    write_npz), else read whole (np.savez_compressed)."""
     try:
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo(f"{name}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
             with np.load(path) as data:
                 return data[name]
-        with open(path, "rb") as f:  # the member's data starts after its local header (30 bytes + name + extra)
+        # the member's data starts after its local header (30 bytes + name + extra)
+        with open(path, "rb") as f:
             f.seek(info.header_offset)
             local = f.read(30)
             f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") +
                    int.from_bytes(local[28:30], "little"))
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,  # a newer version: KeyError, one line
+            # a newer version: KeyError, one line
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
@@ -319,28 +256,31 @@ def npz_array(path, name):
             return np.empty(shape, dtype)
         return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: cannot read array {name!r} ({type(e).__name__}: {str(e)[:80]})") from None
+        cause = f"{type(e).__name__}: {str(e)[:80]}"
+        raise ValueError(f"{path}: cannot read array {name!r} ({cause})") from None
 
 
 def repeat_epochs(loader, what):
-    """The batches of loader, epoch after epoch, for a loop that stops after a number of steps. An epoch that
-    yields no batch (a dataset smaller than one batch, with drop_last) is an error, not an endless loop."""
+    """The batches of loader, epoch after epoch, for a loop that stops after a number of steps. An
+    epoch that yields no batch (a dataset smaller than one batch, with drop_last) is an error, not
+    an endless loop."""
     while True:
         yielded = False
         for batch in loader:
             yielded = True
             yield batch
         if not yielded:
-            raise ValueError(f"{what}: a whole epoch gave no batch ({len(loader.dataset)} items, batch size "
-                             f"{loader.batch_size}, incomplete batches dropped)")
+            raise ValueError(f"{what}: a whole epoch gave no batch ({len(loader.dataset)} items, "
+                             f"batch size {loader.batch_size}, incomplete batches dropped)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Long jobs: one job per output folder, and every rank told what rank 0 decided.
 
 class FolderLock:
-    """`<folder>/lock`, flock-held while the job runs and naming its pid and host: a second job is refused in one
-    line; the kernel drops a dead process's flock, so the next job takes the folder over."""
+    """`<folder>/lock`, flock-held while the job runs and naming its pid and host: a second job is
+    refused in one line; the kernel drops a dead process's flock, so the next job takes the folder
+    over."""
 
     def __init__(self, folder, what):
         os.makedirs(folder, exist_ok=True)
@@ -353,9 +293,10 @@ class FolderLock:
                 self.file.seek(0)
                 holder = self.file.read().strip() or "another process"
                 self.file.close()
-                raise OSError(f"{what} {folder} is in use by {holder} (lock file {self.path}); wait for it to "
-                              f"finish or use another folder") from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                raise OSError(f"{what} {folder} is in use by {holder} (lock file {self.path}); "
+                              "wait for it to finish or use another folder") from None
+            held = os.fstat(self.file.fileno()).st_ino
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == held:
                 break
             self.file.close()  # the holder removed the file as we opened it: lock the new one
         self.file.truncate(0)  # (append mode: the write lands at the new end)
@@ -371,17 +312,23 @@ class FolderLock:
 
 
 def setup_distributed(device="auto", timeout_s=1800):
-    """(rank, world size, device): one process on `device` ('auto': the GPU if any), or under torchrun its process
-    group (nccl / gloo) and the rank's GPU. A collective waiting past timeout_s (a rank died) fails, not hangs."""
+    """(rank, world size, device): one process on `device` ('auto': the GPU if any), or under
+    torchrun its process group (nccl / gloo) and the rank's GPU. A collective waiting past timeout_s
+    (a rank died) fails, not hangs."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return 0, 1, torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                                  if device == "auto" else device)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=timeout_s)
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store
+    # torchrun hosts the store
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout)
-    # a group restarted by --max-restarts must not read the addresses its dead predecessors left in the store
-    store = dist.PrefixStore(f"randar/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # a group restarted by --max-restarts must not read the addresses its dead predecessors left in
+    # the store
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"randar/attempt_{attempt}", store)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
                             world_size=world, timeout=timeout)
     if not torch.cuda.is_available():
@@ -393,6 +340,14 @@ def setup_distributed(device="auto", timeout_s=1800):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather(obj, world):
+    """One object per rank, in rank order."""
+    objs = [obj] * world
+    if dist.is_initialized():
+        dist.all_gather_object(objs, obj)
+    return objs
 
 
 def rank0_decides(fn, rank):
@@ -413,8 +368,8 @@ def rank0_decides(fn, rank):
 # ----------------------------------------------------------------------------------------------
 # Command lines
 
-# The guidance schedule (start, end) of sample.py and of train.py's grid: on the demo model 1->4 beat 1->3
-# (docs/experiments.md, how the demo recipe was chosen).
+# The guidance schedule (start, end) of sample.py and of train.py's grid: on the demo model 1->4
+# beat 1->3 (docs/experiments.md (f)).
 DEFAULT_CFG = (1.0, 4.0)
 
 
@@ -429,42 +384,49 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def in_range(kind, low, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: an int or float in [low, high] (an end excluded when open_*); NaN never passes."""
+    """An argparse type: an int or float in [low, high] (an end excluded when open_*); NaN never
+    passes."""
     def check(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
+        if not ((low < value if open_low else low <= value)
+                and (value < high if open_high else value <= high)):
             span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {span}, "
-                                             f"got {text!r}")
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {noun} in {span}, got {text!r}")
         return value
     return check
 
 
-positive_int, non_negative_int = in_range(int, 1), in_range(int, 0)
-positive_number, non_negative_number = in_range(float, 0, open_low=True), in_range(float, 0)
+positive_int = in_range(int, 1)
+non_negative_int = in_range(int, 0)
+positive_number = in_range(float, 0, open_low=True)
+non_negative_number = in_range(float, 0)
 probability = in_range(float, 0, 1, open_high=True)
 
 
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
-    """A script's entry point: the threads the environment set (torchrun: per worker), else every core; an expected
-    failure, or under torchrun a failed collective (a rank died or stalled), is one line `error: ...`, status 1."""
+    """A script's entry point: the threads the environment set (torchrun: per worker), else every
+    core; an expected failure, or under torchrun a failed collective (a rank died or stalled), is
+    one line `error: ...`, status 1."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
         main(args)
     except errors as e:
         message = str(e)
-        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original error's line
+        # raised in a DataLoader worker: keep the original error's line
+        if "Original Traceback" in message:
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         sys.exit(f"error: {message}")
     except RuntimeError as e:
         if not dist.is_initialized():
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"error: rank {dist.get_rank()}: a collective operation failed; another rank died or stalled past "
-              f"the process-group timeout ({first})", file=sys.stderr, flush=True)
+        print(f"error: rank {dist.get_rank()}: a collective operation failed; another rank died or "
+              f"stalled past the process-group timeout ({first})", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(1)  # the process group cannot be shut down cleanly with a peer gone: do not wait on it
+        # the process group cannot be shut down cleanly with a peer gone: do not wait on it
+        os._exit(1)

@@ -1,16 +1,19 @@
-"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools, and the demo's own
-Fashion-MNIST scorer.
+"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools, and
+the demo's own Fashion-MNIST scorer.
 
-    python eval_fid.py SAMPLES.npz REF.npz --json metrics.json     # each: arr_0, NHWC uint8 (ADM's layout)
-    python eval_fid.py SAMPLES.npz fashion-mnist --json out.json   # the demo's scorer, offline (arr_1: labels)
+    # each file: arr_0, NHWC uint8 (ADM's layout)
+    python eval_fid.py SAMPLES.npz REF.npz --json metrics.json
+    # the demo's scorer, offline (arr_1: labels)
+    python eval_fid.py SAMPLES.npz fashion-mnist --json out.json
 
-ADM's protocol (the one behind ADM's, DiT's, LlamaGen's and RandAR's numbers): FID against the mu / sigma a
-reference .npz stores (ADM's VIRTUAL_imagenet256_labeled.npz: the whole ImageNet training set), precision and
-recall against its arr_0 images; a reference without stored statistics gets them computed from its images, and
-the output says which. The network is Inception-v3 as TensorFlow's FID graph (the layout and weights file of
-`pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): uint8 pixels resized to 299x299 by TensorFlow's legacy
-bilinear resize, then (x - 128) / 128; 2048-d pool features for FID / precision / recall, its 1008 logits for
-the Inception Score. Precision and recall follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
+ADM's protocol (the one behind ADM's, DiT's, LlamaGen's and RandAR's numbers): FID against the mu /
+sigma a reference .npz stores (ADM's VIRTUAL_imagenet256_labeled.npz: the whole ImageNet training
+set), precision and recall against its arr_0 images; a reference without stored statistics gets them
+computed from its images, and the output says which. The network is Inception-v3 as TensorFlow's FID
+graph (the layout and weights file of `pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): uint8
+pixels resized to 299x299 by TensorFlow's legacy bilinear resize, then (x - 128) / 128; 2048-d pool
+features for FID / precision / recall, its 1008 logits for the Inception Score. Precision and recall
+follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does.
 """
 import itertools
 import json
@@ -59,48 +62,57 @@ class InceptionA(nn.Module):
     def __init__(self, c_in, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(c_in, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(c_in, 48, 1), BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 64, 1), BasicConv2d(64, 96, 3, padding=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
         self.branch_pool = BasicConv2d(c_in, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(self, "branch5x5_", x), chain(self, "branch3x3dbl_", x),
-                          self.branch_pool(avg_pool_tf(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, "branch5x5_", x),
+                          chain(self, "branch3x3dbl_", x), self.branch_pool(avg_pool_tf(x))], 1)
 
 
 class InceptionB(nn.Module):  # grid reduction 35 -> 17
     def __init__(self, c_in):
         super().__init__()
         self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 64, 1), BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), chain(self, "branch3x3dbl_", x), F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.branch3x3(x), chain(self, "branch3x3dbl_", x),
+                          F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, c_in, c7):
         super().__init__()
-        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        row = dict(kernel_size=(1, 7), padding=(0, 3))
+        col = dict(kernel_size=(7, 1), padding=(3, 0))
         self.branch1x1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = BasicConv2d(c_in, c7, 1), BasicConv2d(c7, c7, **row), \
-            BasicConv2d(c7, 192, **col)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv2d(c_in, c7, 1), BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv2d(c7, c7, **row), BasicConv2d(c7, c7, **col)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
         self.branch_pool = BasicConv2d(c_in, 192, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(self, "branch7x7_", x), chain(self, "branch7x7dbl_", x),
-                          self.branch_pool(avg_pool_tf(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, "branch7x7_", x),
+                          chain(self, "branch7x7dbl_", x), self.branch_pool(avg_pool_tf(x))], 1)
 
 
 class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, c_in):
         super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(c_in, 192, 1), BasicConv2d(192, 320, 3, stride=2)
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
         self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
         self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
@@ -114,29 +126,36 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
 class InceptionE(nn.Module):
     def __init__(self, c_in, max_pool):
         super().__init__()
-        self.max_pool = max_pool  # the FID network's last block max-pools here (a quirk of the TF graph)
-        self.branch1x1, self.branch3x3_1 = BasicConv2d(c_in, 320, 1), BasicConv2d(c_in, 384, 1)
+        # the FID network's last block max-pools here (a quirk of the TF graph)
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
         self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(c_in, 448, 1), BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
         self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
         self.branch_pool = BasicConv2d(c_in, 192, 1)
 
     def forward(self, x):
-        b3, d = self.branch3x3_1(x), chain(self, "branch3x3dbl_", x)
+        b3 = self.branch3x3_1(x)
+        d = chain(self, "branch3x3dbl_", x)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_tf(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+                          self.branch_pool(pool)], 1)
 
 
 def resize_like_tensorflow(x, size):
-    """Bilinear resize as TensorFlow 1's legacy op, the one inside the FID Inception graph: output pixel i reads
-    the input at i * (in / out), in float32 (no half-pixel centres, unlike F.interpolate's align_corners=False).
-    x (B, C, H, W) float -> (B, C, size[0], size[1]); checked against TensorFlow in the tests."""
+    """Bilinear resize as TensorFlow 1's legacy op, the one inside the FID Inception graph: output
+    pixel i reads the input at i * (in / out), in float32 (no half-pixel centres, unlike
+    F.interpolate's align_corners=False). x (B, C, H, W) float -> (B, C, size[0], size[1]); checked
+    against TensorFlow in the tests."""
     for dim, out in ((3, size[1]), (2, size[0])):  # along rows first, then columns, as TensorFlow
         n = x.size(dim)
-        src = torch.arange(out, dtype=torch.float32, device=x.device) * torch.tensor(n / out, dtype=torch.float32)
+        step = torch.tensor(n / out, dtype=torch.float32)
+        src = torch.arange(out, dtype=torch.float32, device=x.device) * step
         low = src.floor()
         frac = (src - low).view([-1 if d == dim else 1 for d in range(4)])
         index = low.long()
@@ -154,44 +173,57 @@ class FIDInception(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008-way classifier, used for the Inception Score
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        # the TF graph's 1008-way classifier, used for the Inception Score
+        self.fc = nn.Linear(2048, 1008)
 
     def forward(self, images):
         """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008)."""
-        x = (resize_like_tensorflow(images.float(), (299, 299)) - 128) / 128  # the TF graph's Sub, Mul
+        # the TF graph's Sub, Mul
+        x = (resize_like_tensorflow(images.float(), (299, 299)) - 128) / 128
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         features = x.mean(dim=(2, 3))
-        return features, features @ self.fc.weight.t()  # logits without the bias, as the IS convention
+        # logits without the bias, as the IS convention
+        return features, features @ self.fc.weight.t()
 
 
 def load_inception(path=None, device="cpu"):
-    """Weights from path, else downloaded once into the torch hub cache (hash-checked), strictly loaded."""
+    """Weights from path, else downloaded once into the torch hub cache (hash-checked), strictly
+    loaded."""
     if path is None:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:  # a hash mismatch (RuntimeError) or no connection: the partial file is already gone
-                torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=os.path.basename(path)[-12:-4])
+            # a hash mismatch (RuntimeError) or no connection: the partial file is already gone
+            try:
+                torch.hub.download_url_to_file(WEIGHTS_URL, path,
+                                               hash_prefix=os.path.basename(path)[-12:-4])
             except (RuntimeError, OSError) as e:
-                raise OSError(f"cannot download the Inception weights from {WEIGHTS_URL} ({getattr(e, 'reason', e)}); "
-                              f"fetch the file elsewhere and pass --inception PATH") from None
+                raise OSError(f"cannot download the Inception weights from {WEIGHTS_URL} "
+                              f"({getattr(e, 'reason', e)}); fetch the file elsewhere "
+                              "and pass --inception PATH") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found: {path}")
     model = FIDInception()
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except Exception as e:
-        raise ValueError(f"cannot load Inception weights {path}: {str(e).splitlines()[0]}") from None
+        first_line = str(e).splitlines()[0]
+        raise ValueError(f"cannot load Inception weights {path}: {first_line}") from None
     return model.to(device).eval()
 
 
@@ -199,59 +231,66 @@ def load_inception(path=None, device="cpu"):
 # Inputs
 
 def load_images(path):
-    """An .npz's arr_0 (uint8 NHWC, C = 1 or 3: what sample.py writes and the ADM evaluator reads), memory-mapped:
-    Inception reads it a batch at a time."""
+    """An .npz's arr_0 (uint8 NHWC, C = 1 or 3: what sample.py writes and the ADM evaluator reads),
+    memory-mapped: Inception reads it a batch at a time."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
     names = common.npz_names(path)
     if "arr_0" not in names:
         raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(names)})")
     images = common.npz_array(path, "arr_0")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8 or len(images) < 2:
-        raise ValueError(f"{path}: arr_0 must be at least 2 uint8 NHWC images with 1 or 3 channels, got "
-                         f"{images.dtype} {images.shape}")
+    shaped = images.ndim == 4 and images.shape[-1] in (1, 3)
+    if not shaped or images.dtype != np.uint8 or len(images) < 2:
+        raise ValueError(f"{path}: arr_0 must be at least 2 uint8 NHWC images with 1 or 3 "
+                         f"channels, got {images.dtype} {images.shape}")
     return images
 
 
 def stored_statistics(path):
-    """(mu, sigma) stored in a reference .npz, or None. ADM's reference batches store them, computed over the
-    whole ImageNet training set: the FID the papers report is against those; the batch's 10,000 images serve
-    only precision and recall."""
+    """(mu, sigma) stored in a reference .npz, or None. ADM's reference batches store them, computed
+    over the whole ImageNet training set: the FID the papers report is against those; the batch's
+    10,000 images serve only precision and recall."""
     names = common.npz_names(path)
     if "mu" not in names and "sigma" not in names:
         return None
     if not {"mu", "sigma"} <= set(names):
         raise ValueError(f"{path} stores only one of 'mu' and 'sigma'")
     mu, sigma = (np.asarray(common.npz_array(path, name), np.float64) for name in ("mu", "sigma"))
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: mu / sigma must be finite 2048 and 2048x2048 Inception statistics, got "
-                         f"{mu.shape} and {sigma.shape}")
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all()
+                                                                  and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu / sigma must be finite 2048 and 2048x2048 Inception "
+                         f"statistics, got {mu.shape} and {sigma.shape}")
     return mu, sigma
 
 
 @torch.no_grad()
 def inception_outputs(model, images, batch_size=50, device="cpu"):
     """Pool features (N, 2048) float64 and logits (N, 1008), batched, with a progress bar."""
-    feats, logits = [], []
+    all_features = []
+    all_logits = []
     for i in tqdm(range(0, len(images), batch_size), desc="inception"):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)  # a writable copy
+        # a writable copy
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
         if x.size(1) == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
-        f, l = model(x)
-        feats.append(f.double().cpu())
-        logits.append(l.double().cpu())
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+        features, logits = model(x)
+        all_features.append(features.double().cpu())
+        all_logits.append(logits.double().cpu())
+    return torch.cat(all_features).numpy(), torch.cat(all_logits).numpy()
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). The eigenvalues of S1 S2 are those of the symmetric
-    S1^1/2 S2 S1^1/2, so the trace is two symmetric eigendecompositions: exact for singular covariances,
-    where scipy's sqrtm of the product (the standard code's) needs a ridge, and 5x faster at 2048-d."""
-    mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64)) for a in (mu1, mu2, sigma1, sigma2))
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). The eigenvalues of S1 S2 are those of the
+    symmetric S1^1/2 S2 S1^1/2, so the trace is two symmetric eigendecompositions: exact for
+    singular covariances, where scipy's sqrtm of the product (the standard code's) needs a ridge,
+    and 5x faster at 2048-d."""
+    mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64))
+                                for a in (mu1, mu2, sigma1, sigma2))
+    sigma1 = np.atleast_2d(sigma1)
+    sigma2 = np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature sizes differ: {mu1.shape} vs {mu2.shape}")
     w, v = np.linalg.eigh(sigma1)
@@ -263,15 +302,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))), mean and std over splits. The published convention (TensorFlow's
-    original, the ADM evaluator, torch-fidelity): softmax over the 1008 logits *without* the fc bias,
-    splits of N // splits images each (a remainder is left out)."""
+    original, the ADM evaluator, torch-fidelity): softmax over the 1008 logits *without* the fc
+    bias, splits of N // splits images each (a remainder is left out)."""
     p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1)
     size = len(p) // splits
     if size == 0:
         raise ValueError(f"the Inception Score needs at least {splits} images, got {len(p)}")
     scores = []
     for part in p[:size * splits].split(size):
-        kl = (part * (part.clamp_min(1e-30).log() - part.mean(0, keepdim=True).clamp_min(1e-30).log())).sum(1)
+        log_marginal = part.mean(0, keepdim=True).clamp_min(1e-30).log()
+        kl = (part * (part.clamp_min(1e-30).log() - log_marginal)).sum(1)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -294,22 +334,27 @@ def _coverage(points, centres, radii, batch=256):
 
 
 def precision_recall(real, fake, k=3):
-    """Improved precision (fakes inside the real manifold) and recall (reals inside the fake manifold)."""
-    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    """Improved precision (fakes inside the real manifold) and recall (reals inside the fake
+    manifold)."""
+    real = torch.as_tensor(real, dtype=torch.float64)
+    fake = torch.as_tensor(fake, dtype=torch.float64)
     return _coverage(fake, real, _radii(real, k)), _coverage(real, fake, _radii(fake, k))
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the project trains
-# on Fashion-MNIST's training split is the feature network, its test split the reference.
+# The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the
+# project trains on Fashion-MNIST's training split is the feature network, its test split the
+# reference.
 
 class FashionNet(nn.Module):
-    """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: small enough to train on 2 CPU cores."""
+    """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: small enough to train on 2
+    CPU cores."""
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                                      nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(),  # 128 x 4 x 4
-                                      nn.Linear(2048, 128), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 5, 2, 2), nn.ReLU(),        # 32 x 16 x 16
+                                      nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),       # 64 x 8 x 8
+                                      nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(),      # 128 x 4 x 4
+                                      nn.Flatten(), nn.Linear(2048, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, images):
@@ -321,10 +366,12 @@ class FashionNet(nn.Module):
 def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
     """Trained on the training split, seeded: the same machine gives the same network."""
     torch.manual_seed(seed)
-    (images, labels), test = image_data.fashion_mnist("train", data_dir), image_data.fashion_mnist("test", data_dir)
+    images, labels = image_data.fashion_mnist("train", data_dir)
+    test = image_data.fashion_mnist("test", data_dir)
     model = FashionNet()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for step, i in enumerate(tqdm(torch.randint(0, len(images), (steps, batch_size)), desc="Fashion-MNIST classifier")):
+    for step, i in enumerate(tqdm(torch.randint(0, len(images), (steps, batch_size)),
+                                  desc="Fashion-MNIST classifier")):
         for group in opt.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = F.cross_entropy(model(images[i])[1], labels[i])
@@ -338,24 +385,33 @@ def train_fashion_classifier(data_dir=None, steps=1500, batch_size=128, seed=0):
 
 @torch.no_grad()
 def classifier_outputs(model, images, batch_size=500):
-    """uint8 images, (N, 1, H, W) or NHWC with H, W 28 or 32 -> features (N, 128) float64, logits (N, 10)."""
-    images = images.clone() if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # memory maps: read-only
+    """uint8 images, (N, 1, H, W) or NHWC with H, W 28 or 32 -> features (N, 128) float64, logits
+    (N, 10)."""
+    # memory maps: read-only
+    images = images.clone() if torch.is_tensor(images) else torch.from_numpy(np.array(images))
     images = images.permute(0, 3, 1, 2) if images.dim() == 4 and images.shape[-1] == 1 else images
     if images.shape[1:] not in ((1, 28, 28), (1, 32, 32)):
-        raise ValueError(f"the Fashion-MNIST scorer takes grey 28x28 or 32x32 images, got shape {tuple(images.shape)}")
+        raise ValueError("the Fashion-MNIST scorer takes grey 28x28 or 32x32 images, got "
+                         f"shape {tuple(images.shape)}")
     images = F.pad(images, (2, 2, 2, 2)) if images.size(-1) == 28 else images
     outs = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat([f for f, _ in outs]).double().numpy(), torch.cat([l for _, l in outs]).numpy()
+    features = torch.cat([f for f, _ in outs]).double().numpy()
+    logits = torch.cat([logit for _, logit in outs]).numpy()
+    return features, logits
 
 
 def fashion_scores(model, images, labels, data_dir=None):
-    """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall of the
-    images' features against the test split's (FD in units of the test features' mean variance)."""
+    """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall
+    of the images' features against the test split's (FD in units of the test features' mean
+    variance)."""
     feats, logits = classifier_outputs(model, images)
     ref = classifier_outputs(model, image_data.fashion_mnist("test", data_dir)[0])[0]
-    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])  # the test features' mean std:
-    feats, ref = feats / unit, ref / unit  # FD in that unit, free of the network's arbitrary scale
-    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    # the test features' mean std:
+    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])
+    feats = feats / unit
+    ref = ref / unit  # FD in that unit, free of the network's arbitrary scale
+    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0),
+                          np.cov(ref, rowvar=False))
     precision, recall = precision_recall(ref, feats)
     return {"class_consistency": float((logits.argmax(1) == np.asarray(labels)).mean()), "fid": fd,
             "precision": precision, "recall": recall}
@@ -367,26 +423,32 @@ def fashion_classifier(data_dir=None):
     if not os.path.isfile(cached):
         common.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
     model = FashionNet()
-    model.load_state_dict(common.load_torch_file(cached, "Fashion-MNIST classifier")["model"], strict=True)
+    model.load_state_dict(common.load_torch_file(cached,
+                                                 "Fashion-MNIST classifier")["model"], strict=True)
     return model.eval()
 
 
 def main(args):
-    args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.json:
         common.check_output(args.json)
     if args.ref == "fashion-mnist":
         if "arr_1" not in common.npz_names(args.samples):
-            raise ValueError(f"{args.samples} has no 'arr_1' (labels): the Fashion-MNIST scorer needs them")
+            raise ValueError(f"{args.samples} has no 'arr_1' (labels): the "
+                             "Fashion-MNIST scorer needs them")
         return report(fashion_scores(fashion_classifier(args.data_dir), load_images(args.samples),
-                                     common.npz_array(args.samples, "arr_1"), args.data_dir), args.json)
-    images = [load_images(path) for path in (args.samples, args.ref)]  # both checked before Inception loads
+                                     common.npz_array(args.samples, "arr_1"),
+                                     args.data_dir), args.json)
+    # both checked before Inception loads
+    images = [load_images(path) for path in (args.samples, args.ref)]
     stored = stored_statistics(args.ref)
     model = load_inception(args.inception, args.device)
-    (f1, logits), (f2, _) = (inception_outputs(model, x, args.batch_size, args.device) for x in images)
+    f1, logits = inception_outputs(model, images[0], args.batch_size, args.device)
+    f2, _ = inception_outputs(model, images[1], args.batch_size, args.device)
     if stored is None:
-        print(f"note: {args.ref} stores no mu / sigma: the FID reference statistics are computed from its "
-              f"{len(f2)} images (not comparable with published FIDs)")
+        print(f"note: {args.ref} stores no mu / sigma: the FID reference statistics are computed "
+              f"from its {len(f2)} images (not comparable with published FIDs)")
     mu2, sigma2 = stored or (f2.mean(0), np.cov(f2, rowvar=False))
     results = {"fid": frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), mu2, sigma2),
                "fid_statistics": f"mu/sigma stored in {os.path.basename(args.ref)}" if stored else
@@ -406,10 +468,14 @@ def report(results, json_path):
 
 def get_parser():
     p = common.ArgumentParser(description=__doc__)
-    p.add_argument("samples", help="images to score: .npz, arr_0 uint8 NHWC (and arr_1 labels for fashion-mnist)")
-    p.add_argument("ref", help="reference images, the same layout (ADM's reference batches are), or 'fashion-mnist'")
-    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files (the scorer's data)")
-    p.add_argument("--inception", default=None, help="weights file (default: download into the torch hub cache)")
+    p.add_argument("samples", help="images to score: .npz, arr_0 uint8 NHWC (and arr_1 "
+                   "labels for fashion-mnist)")
+    p.add_argument("ref", help="reference images, the same layout (ADM's reference batches "
+                   "are), or 'fashion-mnist'")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the Fashion-MNIST IDX .gz files (the scorer's data)")
+    p.add_argument("--inception", default=None,
+                   help="weights file (default: download into the torch hub cache)")
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.add_argument("--batch-size", type=common.positive_int, default=50)
     p.add_argument("--device", default="auto")
@@ -417,7 +483,8 @@ def get_parser():
 
 
 def cli(argv=None):
-    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit status 1."""
+    """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit
+    status 1."""
     common.run(main, get_parser().parse_args(argv))
 
 

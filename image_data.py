@@ -13,7 +13,6 @@ from PIL import Image
 
 from common import download
 
-
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MD5 = {  # checksums of the official files
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -22,8 +21,9 @@ FASHION_MD5 = {  # checksums of the official files
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]  # Debian package dataset-fashion-mnist
-# T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot
-FASHION_NUM_CLASSES = 10
+FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot")
+FASHION_NUM_CLASSES = len(FASHION_CLASSES)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -110,6 +110,18 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {path}: {e}") from None
         array = center_crop_adm(im, self.image_size).copy()
         return torch.from_numpy(array).permute(2, 0, 1), label
+
+
+def class_names(data, classes):
+    """Row labels of sample grids: Fashion-MNIST's names, an ImageFolder's folder names, else
+    'class c' (a release, whose data is not recorded)."""
+    if data == "fashion-mnist":
+        return [FASHION_CLASSES[c] for c in classes]
+    if data and os.path.isdir(data):
+        folders = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)))
+        if len(folders) > max(classes):
+            return [folders[c] for c in classes]
+    return [f"class {c}" for c in classes]
 
 
 def open_dataset(data, split="train", data_dir=None, image_size=32):

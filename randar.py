@@ -1,11 +1,12 @@
-"""RandAR, the network: a decoder-only transformer over VQ tokens that can be told, token by token, where to go.
+"""RandAR, the network: a decoder-only transformer over VQ tokens that can be told, token by token,
+where to go.
 
 Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Orders", CVPR 2025.
-A LLaMA-style GPT (as in LlamaGen) with one extra input: before each image token the model sees a
-*position instruction* token PI(p), a learned vector rotated by the 2D RoPE of the position p it must
-predict next (docs/algorithm.md §3). Trained on random orders, the same weights decode in any order.
-This file is the network: training forward, KV cache, and the cached forward (prefill, one decode step)
-that generate.py's decoding loop drives.
+A LLaMA-style GPT (as in LlamaGen) with one extra input: before each image token the model sees
+a *position instruction* token PI(p), a learned vector rotated by the 2D RoPE of the position p it
+must predict next (docs/algorithm.md §3). Trained on random orders, the same weights decode in any
+order. This file is the network: training forward, KV cache, and the cached forward (prefill, one
+decode step) that generate.py's decoding loop drives.
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -14,7 +15,8 @@ Sequence layout for an image of N tokens generated in order pi (one slot per col
     rope:   zero    pi_0      pi_0         pi_1      pi_1        ...  pi_{N-1}      pi_{N-1}
     target:         t[pi_0]                t[pi_1]               ...  t[pi_{N-1}]
 
-    model = RandAR(PRESETS["demo"]); logits, loss = model(tokens, labels, order="random")   # training
+    model = RandAR(PRESETS["demo"])
+    logits, loss = model(tokens, labels, order="random")   # training
 """
 import math
 import os
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import release
 
 
 @dataclass
@@ -45,33 +48,38 @@ class RandARConfig:
     ffn_dropout_p: float = 0.1       # after the FFN output projection
     drop_path_rate: float = 0.0      # stochastic depth, linearly increasing over layers
     num_classes: int = 1000          # class index num_classes is the null class used for CFG
-    class_dropout_prob: float = 0.1  # label -> null class during training, so CFG has something to subtract
+    # label -> null class during training, so CFG has something to subtract
+    class_dropout_prob: float = 0.1
     vocab_size: int = 16384          # VQ codebook size
     cls_token_num: int = 1           # one class token (the only value the layout supports)
     block_size: int = 256            # N, image tokens per image; must be a square grid
 
     # Keys the reference config carries that do not change what the network computes.
-    REFERENCE_ONLY = ("caption_dim", "model_type", "max_batch_size", "max_seq_len", "position_order",
-                      "num_inference_steps", "zero_class_qk", "grad_checkpointing")
+    REFERENCE_ONLY = ("caption_dim", "model_type", "max_batch_size", "max_seq_len",
+                      "position_order", "num_inference_steps",
+                      "zero_class_qk", "grad_checkpointing")
 
     def __post_init__(self):
         kv = self.n_kv_head or self.n_head
         checks = [("n_layer", self.n_layer >= 1), ("n_head", self.n_head >= 1),
-                  ("dim", self.dim >= 1 and self.dim % self.n_head == 0 and self.dim // self.n_head % 4 == 0),
+                  ("dim", self.dim >= 1 and self.dim % self.n_head == 0
+                   and self.dim // self.n_head % 4 == 0),
                   ("n_kv_head", 1 <= kv <= self.n_head and self.n_head % kv == 0),
                   ("multiple_of", self.multiple_of >= 1), ("rope_base", self.rope_base > 0),
                   ("num_classes", self.num_classes >= 1), ("vocab_size", self.vocab_size >= 1),
                   ("cls_token_num", self.cls_token_num == 1),
-                  ("block_size", self.block_size >= 1 and math.isqrt(self.block_size) ** 2 == self.block_size)]
+                  ("block_size", self.block_size >= 1
+                   and math.isqrt(self.block_size) ** 2 == self.block_size)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"RandARConfig.{name}={getattr(self, name)!r} is invalid (n_head={self.n_head}: head "
-                                 f"dim dim/n_head a multiple of 4, n_kv_head dividing n_head, block_size a square, "
-                                 f"counts positive, cls_token_num 1)")
+                raise ValueError(f"RandARConfig.{name}={getattr(self, name)!r} is invalid "
+                                 f"(n_head={self.n_head}: head dim dim/n_head a multiple of 4, "
+                                 "n_kv_head dividing n_head, block_size a square, counts "
+                                 "positive, cls_token_num 1)")
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's config dict (ours or the reference's); unknown keys are an error."""
+        """From a checkpoint's config dict (ours or the reference's); unknown keys are an error."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names - set(cls.REFERENCE_ONLY)
         if unknown:
@@ -85,13 +93,16 @@ class RandARConfig:
 
 PRESETS = {
     # For tests: the reference fixtures' size.
-    "tiny": RandARConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=32, block_size=16),
-    # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes. No dropout: a
-    # short run is far from overfitting. RoPE base 10, not 10000: on an 8-wide grid base 10000 leaves half of
-    # a head's frequencies nearly still across the image, and a PI token is only its rotation; base 10
-    # spreads them over 1 to 0.13 rad per position (docs/experiments.md, RoPE base).
-    "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10, vocab_size=512,
-                         block_size=64, rope_base=10.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
+    "tiny": RandARConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=32,
+                         block_size=16),
+    # Fashion-MNIST demo: 8x8 tokens from the small tokenizer, trains on 2 CPU cores in minutes. No
+    # dropout: a short run is far from overfitting. RoPE base 10, not 10000: on an 8-wide grid base
+    # 10000 leaves half of a head's frequencies nearly still across the image, and a PI token is
+    # only its rotation; base 10 spreads them over 1 to 0.13 rad per position
+    # (docs/experiments.md (f)).
+    "demo": RandARConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, num_classes=10,
+                         vocab_size=512, block_size=64, rope_base=10.0, token_dropout_p=0.0,
+                         resid_dropout_p=0.0, ffn_dropout_p=0.0),
     # The paper's ImageNet 256x256 models on LlamaGen's VQ-16 (16x16 tokens, 16384 codes).
     "L": RandARConfig(dim=1024, n_layer=24, n_head=16),
     "XL": RandARConfig(dim=1280, n_layer=36, n_head=20),
@@ -104,9 +115,10 @@ PRESETS = {
 # pairs; the first hd/4 pairs rotate with the row, the next hd/4 with the column.
 
 def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
-    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros. Resolution
-    extrapolation (docs/algorithm.md §8, NTK-style): scale < 1 interpolates the coordinates of all but the
-    `ntk_boundary` highest frequencies of each half, which keep the raw coordinate (fine detail keeps its speed)."""
+    """(1 + grid^2, head_dim/2, 2) table of (cos, sin); row 0 is the class token and is all zeros.
+    Resolution extrapolation (docs/algorithm.md §8, NTK-style): scale < 1 interpolates the
+    coordinates of all but the `ntk_boundary` highest frequencies of each half, which keep the raw
+    coordinate (fine detail keeps its speed)."""
     if ntk_boundary < 0:
         raise ValueError(f"ntk_boundary must be >= 0, got {ntk_boundary}")
     freqs = base ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
@@ -126,8 +138,10 @@ def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
 def apply_rope(x, rope):
     """x (B, T, H, hd), rope (B, T, hd/2, 2) -> x rotated pairwise, computed in float32."""
     xp = x.float().reshape(*x.shape[:-1], x.size(-1) // 2, 2)  # (B, T, H, hd/2, 2)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    a, b = xp[..., 0], xp[..., 1]
+    cos = rope[:, :, None, :, 0]
+    sin = rope[:, :, None, :, 1]
+    a = xp[..., 0]
+    b = xp[..., 1]
     out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
     return out.flatten(3).type_as(x)
 
@@ -143,23 +157,28 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1,
+                                                keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class KVCache(nn.Module):
-    """Per-layer key/value slots (B, H, S, hd), written by row and slot index: parallel decoding rewrites some
-    slots (docs/algorithm.md §4), with no special case. Non-persistent buffers, never in the state dict."""
+    """Per-layer key/value slots (B, H, S, hd), written by row and slot index: parallel decoding
+    rewrites some slots (docs/algorithm.md §4), with no special case. Non-persistent buffers, never
+    in the state dict."""
     def __init__(self, batch, heads, slots, head_dim, dtype, device):
         super().__init__()
         shape = (batch, heads, slots, head_dim)
-        # zeros, not empty: masked slots still enter attention as 0 * value, and NaN garbage would leak
+        # zeros, not empty: masked slots still enter attention as 0 * value, and NaN garbage would
+        # leak
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots, k, v, read):
-        """Write k, v [B, H, T, hd] at slots [T] of the first B rows; return those rows' first `read` slots.
-        Indexing the whole buffer (not a [:B] view) keeps a compiled step from copying it."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1) with slots (T,): the result is (B, T, H, hd)
+        """Write k, v [B, H, T, hd] at slots [T] of the first B rows; return those rows' first
+        `read` slots. Indexing the whole buffer (not a [:B] view) keeps a compiled step from copying
+        it."""
+        # (B, 1) with slots (T,): the result is (B, T, H, hd)
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
         self.k[rows, :, slots] = k.transpose(1, 2)
         self.v[rows, :, slots] = v.transpose(1, 2)
         return self.k[:k.size(0), :, :read], self.v[:k.size(0), :, :read]
@@ -168,8 +187,11 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.dim // cfg.n_head
-        self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.dim // cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim,
+                              (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
@@ -177,16 +199,21 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, slots=None, mask=None):
         B, T, C = x.shape
-        hd, kv_size = self.head_dim, self.n_kv_head * self.head_dim
+        hd = self.head_dim
+        kv_size = self.n_kv_head * self.head_dim
         qk, v = self.wqkv(x).split([C + kv_size, kv_size], dim=-1)
-        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, hd), rope)  # q and k rotated in one call
-        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, hd), (B, Hkv, T, hd)
+        # q and k rotated in one call
+        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, hd), rope)
+        # (B, H, T, hd), (B, Hkv, T, hd)
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        if slots is not None:  # decoding: write this feed's slots, attend over the slots the mask covers
+        # decoding: write this feed's slots, attend over the slots the mask covers
+        if slots is not None:
             k, v = self.kv_cache.update(slots, k, v, read=mask.size(-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slots is None,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # grouped-query attention
+                                           # grouped-query attention
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -197,7 +224,8 @@ class FeedForward(nn.Module):
         if cfg.ffn_dim_multiplier is not None:
             hidden = int(cfg.ffn_dim_multiplier * hidden)
         hidden = cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
-        self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
 
@@ -208,8 +236,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, drop_path):
         super().__init__()
-        self.attention, self.feed_forward = Attention(cfg), FeedForward(cfg)
-        self.attention_norm, self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path = drop_path
 
     def _drop_path(self, x):
@@ -227,7 +257,8 @@ class Block(nn.Module):
 class LabelEmbedder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.num_classes, self.dropout_prob = cfg.num_classes, cfg.class_dropout_prob
+        self.num_classes = cfg.num_classes
+        self.dropout_prob = cfg.class_dropout_prob
         self.embedding_table = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: null class
 
     def forward(self, labels):
@@ -248,7 +279,7 @@ def as_index_tensor(value, name, device):
 
 
 def make_order(order, B, N, device, generator=None):
-    """'random' | 'raster' | a [B, N] permutation tensor -> [B, N] on device (docs/algorithm.md §3)."""
+    """'random' | 'raster' | a [B, N] permutation -> [B, N] on device (docs/algorithm.md §3)."""
     if isinstance(order, str):
         if order == "random":  # an independent permutation per sample, drawn on the device
             return torch.rand(B, N, device=device, generator=generator).argsort(dim=1)
@@ -256,14 +287,15 @@ def make_order(order, B, N, device, generator=None):
             return torch.arange(N, device=device).expand(B, N)
         raise ValueError(f"order must be 'random', 'raster' or a [B, N] permutation, got {order!r}")
     order = as_index_tensor(order, "order", device)
-    if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values, torch.arange(N, device=device).expand(B, N)):
-        raise ValueError(f"order must be a [B={B}, N={N}] tensor holding a permutation of 0..{N - 1} "
-                         f"per row, got shape {tuple(order.shape)}")
+    if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values,
+                                                torch.arange(N, device=device).expand(B, N)):
+        raise ValueError(f"order must be a [B={B}, N={N}] tensor holding a permutation of "
+                         f"0..{N - 1} per row, got shape {tuple(order.shape)}")
     return order
 
 
 def check_labels(labels, num_classes, device, allow_null=False):
-    """Class labels [B] as an index tensor on device, in [0, num_classes) (the null class too if allow_null)."""
+    """Class labels [B] as an index tensor on device, in [0, num_classes) (+ null if allow_null)."""
     labels = as_index_tensor(labels, "labels", device)
     top = num_classes + int(allow_null)
     if labels.dim() != 1:
@@ -286,46 +318,52 @@ class RandAR(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("rope", rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base), persistent=False)
+        rope = rope_table_2d(cfg.grid, cfg.dim // cfg.n_head, cfg.rope_base)
+        self.register_buffer("rope", rope, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
         """The reference init: N(0, 0.02^2) for linears and embeddings, zero output head."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.config.initializer_range)  # RMSNorm weights start at one
+            if isinstance(m, (nn.Linear, nn.Embedding)):  # (RMSNorm weights start at one)
+                nn.init.normal_(m.weight, std=self.config.initializer_range)
         nn.init.normal_(self.pos_instruct_embeddings, std=self.config.initializer_range)
         nn.init.zeros_(self.output.weight)
 
     # ---- the interleaved sequence (docs/algorithm.md §3) ----------------------------------------
 
     def position_instructions(self, positions, rope):
-        """PI tokens for raster positions [B, T] -> [B, T, D]: the learned vector, per head, rotated by RoPE."""
+        """PI tokens for raster positions [B, T] -> [B, T, D]: the learned vector, RoPE-rotated."""
         B, T = positions.shape
         H = self.config.n_head
         pi = self.pos_instruct_embeddings.view(1, 1, H, -1).expand(B, T, H, self.config.dim // H)
         return apply_rope(pi, rope[positions + 1]).reshape(B, T, self.config.dim)
 
     def pairs(self, positions, tokens, rope, keep=None):
-        """[PI(p_0), E(t_0), PI(p_1), E(t_1), ...] -> x [B, 2T, D] and its RoPE rows [B, 2T, hd/2, 2].
-        keep [B, T]: multiplies the token embeddings (0 drops a context token for spatial CFG)."""
+        """[PI(p_0), E(t_0), PI(p_1), E(t_1), ...] -> x [B, 2T, D] and its RoPE rows [B, 2T, hd/2,
+        2]. keep [B, T]: multiplies the token embeddings (0 drops a context token for spatial
+        CFG)."""
         B, T = positions.shape
         img = self.token_dropout(self.tok_embeddings(tokens))
         if keep is not None:
             img = img * keep[..., None].to(img.dtype)
-        x = torch.stack([self.position_instructions(positions, rope), img], dim=2).reshape(B, 2 * T, img.size(-1))
-        return x, rope[positions.repeat_interleave(2, dim=1) + 1]  # both tokens of a pair sit at p_j
+        pi = self.position_instructions(positions, rope)
+        x = torch.stack([pi, img], dim=2).reshape(B, 2 * T, img.size(-1))
+        # both tokens of a pair sit at p_j
+        return x, rope[positions.repeat_interleave(2, dim=1) + 1]
 
     def with_class_token(self, labels, x, x_rope):
-        """CLS(y) in front of x [B, T, D] and the class token's all-zero RoPE row in front of x_rope."""
+        """CLS(y) in front of x [B, T, D]; the class token's zero RoPE row in front of x_rope."""
         cls_rope = self.rope[:1].expand(labels.size(0), 1, -1, -1)
-        return torch.cat([self.cls_embedding(labels)[:, None], x], 1), torch.cat([cls_rope, x_rope], 1)
+        x = torch.cat([self.cls_embedding(labels)[:, None], x], 1)
+        return x, torch.cat([cls_rope, x_rope], 1)
 
     def transformer(self, x, rope, slots=None, read=None):
-        """Hidden states of all fed items. slots None: plain causal attention over x (training). slots [T]:
-        decoding, each item writes its K/V at its cache slot and attends to every slot up to its own, reading
-        only the first `read` slots, which must cover every slot written so far."""
-        mask = None if slots is None else torch.arange(read, device=x.device) <= slots[:, None]  # (T, read)
+        """Hidden states of all fed items. slots None: plain causal attention over x (training).
+        slots [T]: decoding, each item writes its K/V at its cache slot and attends to every slot up
+        to its own, reading only the first `read` slots (which cover every slot written so far)."""
+        # (T, read)
+        mask = None if slots is None else torch.arange(read, device=x.device) <= slots[:, None]
         for layer in self.layers:
             x = layer(x, rope, slots, mask)
         return x
@@ -336,16 +374,18 @@ class RandAR(nn.Module):
     # ---- training (docs/algorithm.md §3) ---------------------------------------------------------
 
     def forward(self, tokens, labels, order=None):
-        """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B] (the null class
-        num_classes allowed: the unconditional model). Returns logits [B, N, V] in generation order (row k
-        predicts t[order[k]]) and the mean cross-entropy over all N predictions, read at the PI slots 1, 3, ..."""
+        """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B] (the null
+        class num_classes allowed: the unconditional model). Returns logits [B, N, V] in generation
+        order (row k predicts t[order[k]]) and the mean cross-entropy over all N predictions, read
+        at the PI slots 1, 3, ..."""
         labels = check_labels(labels, self.config.num_classes, self.rope.device, allow_null=True)
-        B, N = labels.size(0), self.config.block_size
+        B = labels.size(0)
+        N = self.config.block_size
         if tokens.shape != (B, N):
             raise ValueError(f"tokens must have shape [B={B}, N={N}], got {tuple(tokens.shape)}")
         order = make_order("random" if order is None else order, B, N, self.rope.device)
         targets = tokens.gather(1, order)  # [B, N] tokens in generation order
-        x, rope = self.with_class_token(labels, *self.pairs(order, targets, self.rope))  # [B, 1 + 2N, D]
+        x, rope = self.with_class_token(labels, *self.pairs(order, targets, self.rope))  # [B, 1+2N]
         logits = self.head(self.transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
@@ -353,13 +393,15 @@ class RandAR(nn.Module):
     # ---- the cached forward that generate.py drives (docs/algorithm.md §4) ----------------------
 
     def setup_caches(self, batch, slots, dtype, device):
-        """K/V caches for at least `batch` rows and `slots` slots, grown but never shrunk until free_caches(): smaller
-        calls use the first rows and slots, so a compiled step sees the same buffers at every call."""
+        """K/V caches for at least `batch` rows and `slots` slots, grown but never shrunk until
+        free_caches(): smaller calls use the first rows and slots, so a compiled step sees the same
+        buffers at every call."""
         old = self.layers[0].attention.kv_cache
         if old is not None and (old.k.dtype, old.k.device) == (dtype, device):
             if old.k.size(0) >= batch and old.k.size(2) >= slots:
                 return
-            batch, slots = max(batch, old.k.size(0)), max(slots, old.k.size(2))
+            batch = max(batch, old.k.size(0))
+            slots = max(slots, old.k.size(2))
         for layer in self.layers:
             att = layer.attention
             att.kv_cache = KVCache(batch, att.n_kv_head, slots, att.head_dim, dtype, device)
@@ -369,38 +411,43 @@ class RandAR(nn.Module):
             layer.attention.kv_cache = None
 
     def prefill(self, rope, labels, order, known_tokens, n_queries, read, keep=None):
-        """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_m-1)] at slots 0...
-        known_tokens [B, K] are the first K tokens of `order` (K may be 0); the last n_queries fed
-        items are the PIs of the first unknown positions. Returns their logits [B, n_queries, V]."""
+        """First feed: [CLS, PI(k_0), E(t_0), ..., PI(k_K-1), E(t_K-1), PI(u_0), ..., PI(u_m-1)] at
+        slots 0... known_tokens [B, K] are the first K tokens of `order` (K may be 0); the last
+        n_queries fed items are the PIs of the first unknown positions, whose logits [B, n_queries,
+        V] it returns."""
         K = known_tokens.size(1)
         pairs, pair_rope = self.pairs(order[:, :K], known_tokens, rope, keep)
         queries = order[:, K:K + n_queries]
-        x, x_rope = self.with_class_token(labels, torch.cat([pairs, self.position_instructions(queries, rope)], 1),
+        queries_pi = self.position_instructions(queries, rope)
+        x, x_rope = self.with_class_token(labels, torch.cat([pairs, queries_pi], 1),
                                           torch.cat([pair_rope, rope[queries + 1]], 1))
         slots = torch.arange(x.size(1), device=x.device)
         return self.head(self.transformer(x, x_rope, slots, read)[:, -n_queries:])
 
     def decode_step(self, rope, order, generated, feed):
-        """One decode step, a generate.Feed: generated [B, N] holds the tokens in generation order (only indices
-        already sampled are read). Shapes set by the schedule alone and no host synchronisation: the function
-        torch.compile sees. Returns logits [B, m, V] at the feed's queries."""
+        """One decode step, a generate.Feed: generated [B, N] holds the tokens in generation order
+        (only indices already sampled are read). Shapes set by the schedule alone and no host
+        synchronisation: the function torch.compile sees. Returns logits [B, m, V] at the feed's
+        queries."""
         positions = order[:, feed.gen_index]  # (B, L) raster position each fed item belongs to
         x = torch.where(feed.is_pi[:, None], self.position_instructions(positions, rope),
                         self.tok_embeddings(generated[:, feed.gen_index]))
-        return self.head(self.transformer(x, rope[positions + 1], feed.slots, feed.read)[:, feed.queries])
+        h = self.transformer(x, rope[positions + 1], feed.slots, feed.read)
+        return self.head(h[:, feed.queries])
 
     # ---- bi-directional features (docs/algorithm.md §9) ------------------------------------------
 
     @torch.no_grad()
     def features(self, tokens, kind="bidirectional"):
-        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout), after the last block
-        and the final norm, under the null class (the features are not told the answer). 'bidirectional': the whole
-        image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then PI(p) for every p again, read at that second pass
-        (it has seen every token); 'causal': one raster pass read at E(t_p)."""
+        """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout), after
+        the last block and the final norm, under the null class (the features are not told the
+        answer). 'bidirectional': the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then
+        PI(p) for every p again, read at that second pass (it has seen every token); 'causal': one
+        raster pass read at E(t_p)."""
         B, N = tokens.shape
         if kind not in ("bidirectional", "causal") or N != self.config.block_size:
-            raise ValueError(f"need kind 'bidirectional' or 'causal' and tokens [B, {self.config.block_size}], "
-                             f"got {kind!r} and {tuple(tokens.shape)}")
+            raise ValueError("need kind 'bidirectional' or 'causal' and tokens [B, "
+                             f"{self.config.block_size}], got {kind!r} and {tuple(tokens.shape)}")
         labels = torch.full((B,), self.config.num_classes, device=tokens.device)
         order = torch.arange(N, device=tokens.device).expand(B, N)
         x, rope = self.pairs(order, tokens, self.rope)
@@ -412,29 +459,37 @@ class RandAR(nn.Module):
 
 
 def load_model(path, config=None, preset=None):
-    """RandAR from train.py's checkpoint (config inside; its EMA weights when it kept them) or an official
-    .safetensors state dict (config from the YAML `config` or a preset name) -> (model in eval mode, the
-    checkpoint's other small entries). Strict load: the parameter names are the reference's."""
+    """RandAR from train.py's checkpoint (config inside; its EMA weights when it kept them) or an
+    official .safetensors state dict (config from the YAML `config` or a preset name) -> (model in
+    eval mode, the checkpoint's other small entries). Strict load: the parameter names are the
+    reference's."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         if config is None and preset is None:
-            raise ValueError(f"{path} carries no config: pass its YAML (--config) or a preset (--preset)")
-        params = common.read_official_yaml(config) if config else {}
+            raise ValueError(f"{path} carries no config: pass its YAML "
+                             "(--config) or a preset (--preset)")
+        params = release.read_official_yaml(config) if config else {}
         cfg = RandARConfig.from_dict(params) if config else PRESETS[preset]
         # the release's number of decoding steps (sample.py's default --steps)
-        state, extras = common.read_safetensors(path), {"num_inference_steps": params.get("num_inference_steps")}
+        state = release.read_safetensors(path)
+        extras = {"num_inference_steps": params.get("num_inference_steps")}
     else:
         ckpt = common.load_torch_file(path, "RandAR checkpoint")
-        if not isinstance(ckpt.get("config"), dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
-            what = "a tokenizer checkpoint" if "encoder.conv_in.weight" in ckpt.get("model", {}) else "another file"
+        if not isinstance(ckpt.get("config"),
+                          dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
+            is_tokenizer = "encoder.conv_in.weight" in ckpt.get("model", {})
+            what = "a tokenizer checkpoint" if is_tokenizer else "another file"
             raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
                              f"(or an official .safetensors)")
-        cfg, state = RandARConfig.from_dict(ckpt["config"]), ckpt.get("ema", ckpt["model"])
+        cfg = RandARConfig.from_dict(ckpt["config"])
+        state = ckpt.get("ema", ckpt["model"])
         extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
+        extras["data"] = ckpt.get("args", {}).get("data")  # the training data, for figures
     model = RandAR(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config ({str(e).splitlines()[1].strip()})") from None
+        raise ValueError(f"{path}: weights do not match the config "
+                         f"({str(e).splitlines()[1].strip()})") from None
     return model.eval(), extras

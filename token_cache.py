@@ -81,7 +81,10 @@ def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0
     """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), and with flipped=True
     the tokens of every image mirrored left-right (else None); on the model's device in fp32 (lower
     precision could move a latent to another nearest code)."""
-    tokens, mirrored, labels, device = [], [], [], model.device
+    tokens = []
+    mirrored = []
+    labels = []
+    device = model.device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for images, y in tqdm(loader, desc=f"encode on {device}", disable=not show_progress):
@@ -118,7 +121,8 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
     dataset, num_classes = image_data.open_dataset(data, split, data_dir, image_size)
     dataset = image_data.limited(dataset, limit)
     tok.check_fits(model.config, dataset)
-    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
+    lo = len(dataset) * rank // world
+    hi = len(dataset) * (rank + 1) // world
     my_slice = torch.utils.data.Subset(dataset, range(lo, hi))
     tokens, labels, mirrored = encode_dataset(model, my_slice, show_progress=rank == 0,
                                               workers=workers, flipped=flip_pairs(data, split))

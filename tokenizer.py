@@ -2,9 +2,10 @@
 
 Pixels in [-1, 1] -> encoder -> 1x1 conv to a low-dimensional latent -> nearest l2-normalised code
 -> decoder. Module names follow LlamaGen, so its published VQ-16 weights (`vq_ds16_c2i.pt`, state
-dict under "model") load strictly into the `llamagen-vq16` preset. No command of its own: `python train.py`
-trains it (train_tokenizer, reporting PSNR and codebook usage on the held-out split) as its first stage,
-then encodes the dataset to tokens (train.encode_split) before RandAR trains on them.
+dict under "model") load strictly into the `llamagen-vq16` preset. No command of its own: `python
+train.py` trains it (train_tokenizer, reporting PSNR and codebook usage on the held-out split) as
+its first stage, then encodes the dataset to tokens (train.encode_split) before RandAR trains on
+them.
 """
 import math
 import os
@@ -16,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import image_grid, load_torch_file, repeat_epochs, save_atomic, save_png
 from image_data import limited, open_dataset
 from maskgit_vq import MaskGITConfig, MaskGITVQ
-from common import image_grid, load_torch_file, repeat_epochs, save_atomic, save_png
 
 
 @dataclass
@@ -41,11 +42,14 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Ours, or the reference's names (encoder_ch_mult / decoder_ch_mult / dropout_p / out_channels)."""
-        d = {{"encoder_ch_mult": "ch_mult", "dropout_p": "dropout"}.get(k, k): v for k, v in d.items()}
+        """Ours, or the reference's names (encoder_ch_mult / decoder_ch_mult / dropout_p /
+        out_channels)."""
+        d = {{"encoder_ch_mult": "ch_mult", "dropout_p": "dropout"}.get(k,
+                                                                        k): v for k, v in d.items()}
         if list(d.get("decoder_ch_mult", d["ch_mult"])) != list(d["ch_mult"]) or \
                 d.get("out_channels", d["in_channels"]) != d["in_channels"]:
-            raise ValueError("the tokenizer config's decoder must mirror its encoder (ch_mult, channels)")
+            raise ValueError("the tokenizer config's decoder must mirror its "
+                             "encoder (ch_mult, channels)")
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if k == "ch_mult" else v for k, v in d.items() if k in names})
 
@@ -69,8 +73,10 @@ def Norm(cfg, channels):
 class ResnetBlock(nn.Module):
     def __init__(self, cfg, c_in, c_out):
         super().__init__()
-        self.norm1, self.conv1 = Norm(cfg, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = Norm(cfg, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1 = Norm(cfg, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = Norm(cfg, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(cfg.dropout)
         if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
@@ -92,7 +98,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3)
+                   for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale C^-1/2
         return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
 
@@ -120,7 +127,8 @@ class Level(nn.Module):
 
     def __init__(self, cfg, c_in, c_out, n_res, attn, down=False, up=False):
         super().__init__()
-        self.res = nn.ModuleList(ResnetBlock(cfg, c_in if j == 0 else c_out, c_out) for j in range(n_res))
+        self.res = nn.ModuleList(ResnetBlock(cfg, c_in if j == 0 else c_out,
+                                             c_out) for j in range(n_res))
         self.attn = nn.ModuleList(AttnBlock(cfg, c_out) for _ in range(n_res if attn else 0))
         if down:
             self.downsample = Downsample(c_out)
@@ -149,9 +157,9 @@ class Encoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.conv_blocks = nn.ModuleList(
-            Level(cfg, ([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks, attn=i == last, down=i < last)
-            for i in range(len(widths)))
+        self.conv_blocks = nn.ModuleList(Level(cfg, ([cfg.ch] + widths)[i], widths[i],
+                                               cfg.num_res_blocks, attn=i == last,
+                                               down=i < last) for i in range(len(widths)))
         self.mid = middle(cfg, widths[-1])
         self.norm_out = Norm(cfg, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
@@ -170,9 +178,9 @@ class Decoder(nn.Module):
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, padding=1)
         self.mid = middle(cfg, widths[0])
-        self.conv_blocks = nn.ModuleList(
-            Level(cfg, ([widths[0]] + widths)[i], widths[i], cfg.num_res_blocks + 1, attn=i == 0, up=i < last)
-            for i in range(len(widths)))
+        self.conv_blocks = nn.ModuleList(Level(cfg, ([widths[0]] + widths)[i], widths[i],
+                                               cfg.num_res_blocks + 1, attn=i == 0,
+                                               up=i < last) for i in range(len(widths)))
         self.norm_out = Norm(cfg, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
 
@@ -269,10 +277,11 @@ class VQModel(nn.Module):
 
 
 def load_tokenizer(path, device="cpu"):
-    """Rebuild the tokenizer from a checkpoint written by train.py's first stage, LlamaGen's vq_ds16_c2i.pt, or
-    MaskGIT's released state dict (strict load)."""
+    """Rebuild the tokenizer from a checkpoint written by train.py's first stage, LlamaGen's
+    vq_ds16_c2i.pt, or MaskGIT's released state dict (strict load)."""
     ckpt = load_torch_file(path, "tokenizer checkpoint")
-    if "encoder.down.0.block.0.conv1.weight" in ckpt:  # MaskGIT-VQ: a bare state dict, sizes from its shapes
+    # MaskGIT-VQ: a bare state dict, sizes from its shapes
+    if "encoder.down.0.block.0.conv1.weight" in ckpt:
         try:
             cfg = MaskGITConfig.from_state_dict(ckpt)
         except (KeyError, AttributeError, IndexError, ValueError) as e:
@@ -280,7 +289,8 @@ def load_tokenizer(path, device="cpu"):
         return load_strict(MaskGITVQ(cfg), ckpt, path, device)
     state = ckpt.get("model")
     if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
-        what = "a RandAR checkpoint" if isinstance(state, dict) and "tok_embeddings.weight" in state else "another file"
+        is_randar = isinstance(state, dict) and "tok_embeddings.weight" in state
+        what = "a RandAR checkpoint" if is_randar else "another file"
         raise ValueError(f"{path} is {what}, expected a tokenizer checkpoint")
     # LlamaGen's published vq_ds16_c2i.pt holds only {"model": ...}: it is the llamagen-vq16 preset.
     cfg = VQConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["llamagen-vq16"]
@@ -291,7 +301,8 @@ def load_strict(model, state, path, device):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+        first_line = str(e).splitlines()[0]
+        raise ValueError(f"{path}: weights do not match its config ({first_line})") from None
     return model.to(device).eval()
 
 
@@ -310,30 +321,35 @@ def to_uint8(pixels):
 # ----------------------------------------------------------------------------------------------
 # Training (train.py's first stage)
 
-def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0, preset="demo", steps=600,
-                    batch_size=64, lr=2e-3, reinit_every=200, image_every=500, seed=0, device="cpu", workers=0):
-    """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt; returns its
-    path. `workers` DataLoader processes decode the images (ImageFolder) while the model trains."""
+def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32, limit=0,
+                    preset="demo", steps=600, batch_size=64, lr=2e-3, reinit_every=200,
+                    image_every=500, seed=0, device="cpu", workers=0):
+    """Train the VQ autoencoder (MSE + VQ losses) on `device` and write <out_dir>/tokenizer.pt;
+    returns its path. `workers` DataLoader processes decode the images (ImageFolder) while the model
+    trains."""
     torch.manual_seed(seed)
     dataset = limited(open_dataset(data, "train", data_dir, image_size)[0], limit)
     cfg = PRESETS[preset]
     if data != "fashion-mnist" and cfg.in_channels != 3:
         cfg = VQConfig(**{**asdict(cfg), "in_channels": 3})
     check_fits(cfg, dataset)
-    ckpt_path, model = os.path.join(out_dir, "tokenizer.pt"), VQModel(cfg).to(device)
+    ckpt_path = os.path.join(out_dir, "tokenizer.pt")
+    model = VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0)
-    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps on {device} "
-          f"-> {ckpt_path}")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    print(f"training tokenizer '{preset}' on {data} ({len(dataset)} images) for {steps} steps "
+          f"on {device} -> {ckpt_path}")
     fixed = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))[0]
     code_hits = torch.zeros(cfg.codebook_size, device=device)
-    t0, bar = time.time(), tqdm(range(steps), desc="tokenizer")
-    batches = repeat_epochs(loader, "the tokenizer's training data")
-    for step in bar:  # one batch per step, epoch after epoch
+    t0 = time.time()
+    batches = repeat_epochs(loader, "the tokenizer's training data")  # epoch after epoch
+    for step in (bar := tqdm(range(steps), desc="tokenizer")):
         x = to_pixels(next(batches)[0], device)
-        for group in opt.param_groups:  # 100 warm-up steps, cosine to 0
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        warmup = min(1.0, (step + 1) / 100)  # 100 warm-up steps, cosine to 0
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup * 0.5 * (1 + math.cos(math.pi * step / steps))
         model.train()
         recon, losses, idx = model(x)
         rec_loss = F.mse_loss(recon, x)
@@ -348,22 +364,25 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
         if (step + 1) % image_every == 0 or step + 1 == steps:
             save_reconstructions(model, fixed, os.path.join(out_dir, "tokenizer_recon.png"))
     bar.close()
-    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": steps, "data": data, "image_size": image_size},
-                ckpt_path)
-    psnr, usage = evaluate(model, limited(open_dataset(data, "test", data_dir, image_size)[0], limit), workers=workers)
-    print(f"done in {time.time() - t0:.0f}s, wrote {ckpt_path}; held-out images: PSNR {psnr:.2f} dB, {usage:.1f}% of "
-          f"the {cfg.codebook_size} codes used")
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg), "step": steps, "data": data,
+                 "image_size": image_size}, ckpt_path)
+    test_images = limited(open_dataset(data, "test", data_dir, image_size)[0], limit)
+    psnr, usage = evaluate(model, test_images, workers=workers)
+    print(f"done in {time.time() - t0:.0f}s, wrote {ckpt_path}; held-out images: PSNR {psnr:.2f} "
+          f"dB, {usage:.1f}% of the {cfg.codebook_size} codes used")
     return ckpt_path
 
 
 @torch.no_grad()
 def reinit_dead_codes(model, code_hits, x):
-    """Codes unused since the last call get the latents of random recent inputs, so usage stays high."""
+    """Codes unused since the last call get the latents of random recent inputs, so usage stays
+    high."""
     dead = (code_hits == 0).nonzero().flatten()
     code_hits.zero_()
     if len(dead) == 0:
         return
-    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.codebook_embed_dim)
+    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1)
+    z = z.reshape(-1, model.config.codebook_embed_dim)
     pick = torch.randint(0, z.size(0), (len(dead),)).to(z.device)
     model.quantize.embedding.weight[dead] = F.normalize(z[pick], dim=-1)
 
@@ -372,7 +391,8 @@ def reinit_dead_codes(model, code_hits, x):
 def save_reconstructions(model, images, path):
     model.eval()
     recon = model.decode_images(model.encode_images(images)).cpu()
-    save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)  # originals above recons
+    # originals above recons
+    save_png(image_grid(torch.cat([images, recon]), nrow=len(images)), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,14 +403,18 @@ def check_fits(cfg, dataset):
     if C != cfg.in_channels:
         raise ValueError(f"images have {C} channels but the tokenizer takes {cfg.in_channels}")
     if H % cfg.downsample or W % cfg.downsample:
-        raise ValueError(f"image size {H}x{W} is not divisible by the downsample factor {cfg.downsample}")
+        raise ValueError(f"image size {H}x{W} is not divisible by the "
+                         f"downsample factor {cfg.downsample}")
 
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=256, workers=0):
     """PSNR (dB, on uint8 pixels) and % of codes used on a dataset, on the model's device."""
-    device, model = model.device, model.eval()
-    mse, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
+    device = model.device
+    model = model.eval()
+    mse = 0.0
+    count = 0
+    used = torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     for images, _ in tqdm(loader, desc="eval"):
         idx = model.encode_images(images)
