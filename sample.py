@@ -256,7 +256,7 @@ def extrapolate(model, vq, args):
     """Zero-shot resolution extrapolation (docs/algorithm.md §8): a sample at the training grid g
     gives the known tokens at (f*r, f*c) of the G = f*g grid; the rest is generated in random order
     with the NTK-mixed RoPE and spatial CFG. Figure: each base (upscaled) next to its
-    extrapolation."""
+    extrapolation. Returns the base tokens [B, g*g] and the extrapolated ones [B, G*G]."""
     f = args.factor
     g = model.config.grid
     labels = torch.tensor(check_classes(args.classes, model),
@@ -264,16 +264,18 @@ def extrapolate(model, vq, args):
     base, base_images = generate_batched(model, vq, labels, args, desc="base")
     G = f * g
     positions = ((torch.arange(g) * f * G)[:, None] + torch.arange(g) * f).flatten().to(args.device)
-    _, big = generate_batched(model, vq, labels, args,
-                              known=(positions.expand(len(labels), -1), base), desc="extrapolate",
-                              grid=G, order="random", steps=args.extrapolate_steps,
-                              spatial_cfg_scale=args.spatial_cfg, ntk_boundary=args.ntk_boundary)
+    known = (positions.expand(len(labels), -1), base)
+    big_tokens, big = generate_batched(model, vq, labels, args, known=known, desc="extrapolate",
+                                       grid=G, order="random", steps=args.extrapolate_steps,
+                                       spatial_cfg_scale=args.spatial_cfg,
+                                       ntk_boundary=args.ntk_boundary)
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     # base, extrapolated, base, extrapolated, ...
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)
     save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
                                   col_labels=["base", "extrapolated"] * args.per_class),
                 args.out or default_out(args))
+    return base, big_tokens
 
 
 # ----------------------------------------------------------------------------------------------

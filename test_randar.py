@@ -212,6 +212,30 @@ def test_bidirectional_features_see_every_token_and_causal_ones_only_the_past():
     # The label is an input too: null class by default, so the features are not told the answer.
 
 
+def test_label_dropout_draws_the_null_class_at_its_rate_and_only_in_training():
+    """CFG's unconditional branch is trained by label dropout: the null class at
+    class_dropout_prob, within a 5-sigma binomial bound over 200,000 labels; never in eval mode."""
+    torch.manual_seed(0)
+    embedder = randar.LabelEmbedder(RandARConfig(**TINY, class_dropout_prob=0.1)).train()
+    labels = torch.randint(0, 10, (200_000,))
+    null = embedder.embedding_table.weight[10]
+    with torch.no_grad():
+        rate = (embedder(labels) == null).all(1).double().mean().item()
+        assert abs(rate - 0.1) < 5 * math.sqrt(0.1 * 0.9 / len(labels)), rate
+        assert not (embedder.eval()(labels) == null).all(1).any()
+
+
+def test_drop_path_drops_whole_samples_at_its_rate_and_keeps_the_mean():
+    block = randar.Block(RandARConfig(**TINY), drop_path=0.3).train()
+    torch.manual_seed(0)
+    x = torch.ones(200_000, 1, 1)
+    out = block._drop_path(x)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 0.3) < 5 * math.sqrt(0.3 * 0.7 / len(x)), dropped
+    assert torch.allclose(out[out != 0], torch.tensor(1 / 0.7))  # the kept ones rescaled
+    assert torch.equal(block.eval()._drop_path(x), x)
+
+
 # ---- decoding (generate.py): the reference's tokens, fast paths against the slow computation -----
 
 @pytest.mark.parametrize("name", ["seq_nocfg", "seq_cfg", "par6_nocfg", "par6_cfg"])
@@ -539,18 +563,22 @@ def test_a_known_prefix_is_kept_and_decodes_like_teacher_forcing(order):
     positions = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(2)])
     known_tokens = torch.randint(0, 32, (2, 6), generator=g)
     seen = []
+    # the order generate draws: its generator's first use (known positions, then the rest)
+    replay = torch.Generator().set_state(g.get_state())
+    _, _, is_known = gen.known_canvas(model, (positions, known_tokens), 2, 16)
+    used_order = gen.generation_order(model, order, positions, is_known, replay)
     tokens = generate(model, labels, order=order, known=(positions, known_tokens), generator=g,
-                            callback=lambda step, logits, new: seen.append((logits, new)))
+                      callback=lambda step, logits, new: seen.append((logits, new)))
     assert torch.equal(tokens.gather(1, positions), known_tokens)
     assert sum(new.size(1) for _, new in seen) == 10
-    # Every step equals the teacher-forced forward over the order actually used.
-    rest = torch.stack([torch.tensor([p for p in range(16)
-                                      if p not in row]) for row in positions.tolist()])
-    if order == "raster":
-        gen_order = torch.cat([positions, rest], dim=1)
-        slow, _ = model(tokens, labels, order=gen_order)
-        for k, (logits, _) in enumerate(seen):
-            assert (logits[:, 0] - slow[:, 6 + k]).abs().max() < 1e-4
+    assert torch.equal(used_order[:, :6], positions)
+    rest = torch.stack([torch.tensor([p for p in range(16) if p not in row])
+                        for row in positions.tolist()])
+    assert torch.equal(used_order[:, 6:], rest) == (order == "raster")
+    # Every step, in either order, equals the teacher-forced forward over the order used.
+    slow, _ = model(tokens, labels, order=used_order)
+    for k, (logits, _) in enumerate(seen):
+        assert (logits[:, 0] - slow[:, 6 + k]).abs().max() < 1e-4
     # The prefix fed in one call == the same prefix fed one token at a time.
     gen_order = torch.cat([positions, rest], dim=1)
     model.setup_caches(2, 40, torch.float32, "cpu")
@@ -664,6 +692,26 @@ def test_spatial_cfg_at_scale_one_is_plain_decoding():
     (a, la), (b, lb) = runs
     assert all((x - y).abs().max() < 1e-4 for x, y in zip(la, lb,
                                                           strict=True)) and torch.equal(a, b)
+
+
+def test_guidance_combines_the_groups_as_the_formula_says():
+    """docs/algorithm.md §6, expanded by hand: s·cond + (s_sp − s)·uncond + (1 − s_sp)·weak equals
+    weak + s·(cond − uncond) + s_sp·(uncond − weak); CFG alone: uncond + s·(cond − uncond); the
+    scales move linearly from start to end with the filled fraction."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, weak = torch.randn(3, 4, 2, 32, generator=g, dtype=torch.float64).unbind(0)
+    s = 3.0
+    s_sp = 1.7
+    expanded = s * cond + (s_sp - s) * uncond + (1 - s_sp) * weak
+    spatial = gen.guided_logits(torch.cat([cond, uncond, weak]), 3, s, s_sp)
+    assert (spatial - expanded).abs().max() < 1e-12
+    plain = gen.guided_logits(torch.cat([cond, uncond]), 2, s)
+    assert (plain - (s * cond + (1 - s) * uncond)).abs().max() < 1e-12
+    assert torch.equal(gen.guided_logits(cond, 1, s), cond)
+    guidance = gen.Guidance(torch.zeros(3), None, 3, (1.0, 4.0), (1.0, 2.0))
+    assert guidance.scales(0.0) == (1.0, 1.0)
+    assert guidance.scales(0.5) == (2.5, 1.5)
+    assert guidance.scales(1.0) == (4.0, 2.0)
 
 
 # ---- tokenizer.py --------------------------------------------------------------------------------
@@ -1066,18 +1114,30 @@ def ddp_run(tmp_path_factory):
     return out
 
 
-def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(ddp_run, tmp_path):
+def losses(run):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))
+            if '"loss"' in line]
+
+
+def test_ddp_and_gradient_accumulation_equal_one_process_on_the_same_global_batch(ddp_run,
+                                                                                   tmp_path):
+    """A global batch of 16 as 1 process x 16, 2 processes x 8 (ddp_run), and 2 processes x 4 x 2
+    micro-batches (--grad-accum 2: DDP's no_sync on the first): the same 16 samples per step, so
+    the same loss curve and weights, up to float summation order (1e-5, not bitwise)."""
     one = synthetic_run_dir(tmp_path / "one")
     assert cli("train.py", *tiny_train_args(one, *DDP_ARGS, "--batch-size", 16)) is None
+    accumulated = synthetic_run_dir(tmp_path / "accumulated")
+    r = torchrun("train.py", *tiny_train_args(accumulated, *DDP_ARGS, "--batch-size", 4,
+                                              "--grad-accum", 2))
+    assert r.returncode == 0, r.stderr[-2000:]
     a = weights(one)
-    b = weights(ddp_run)
-    assert len(b["rank_param_checksums"]) == 2
-    assert b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
-    for k in a["model"]:
-        assert (a["model"][k] - b["model"][k]).abs().max() < 1e-5, k
-    loss = [[json.loads(line)["loss"] for line in open(os.path.join(d, "metrics.jsonl"))
-             if '"loss"' in line] for d in (one, ddp_run)]
-    assert len(loss[0]) == 8 and np.allclose(loss[0], loss[1], atol=1e-5)
+    for run in (ddp_run, accumulated):
+        b = weights(run)
+        assert len(b["rank_param_checksums"]) == 2
+        assert b["rank_param_checksums"][0] == b["rank_param_checksums"][1]
+        for k in a["model"]:
+            assert (a["model"][k] - b["model"][k]).abs().max() < 1e-5, (run, k)
+        assert len(losses(run)) == 8 and np.allclose(losses(one), losses(run), atol=1e-5), run
 
 
 def child_pids(parent):
@@ -1095,28 +1155,50 @@ def child_pids(parent):
 
 
 def test_a_rank_killed_mid_training_restarts_from_last_checkpoint_identically(ddp_run, tmp_path):
-    """torchrun --max-restarts=1, rank 1 SIGKILLed after the step-4 checkpoint: the group restarts,
-    resumes from last.pt and ends with the uninterrupted run's weights. Rank 0 is held at the step-4
-    save (its temporary file is made a FIFO, whose open blocks) so the kill lands mid-run on any
-    machine."""
+    """torchrun --max-restarts=1, rank 1 SIGKILLed between the step-4 and step-6 checkpoints: the
+    group restarts, resumes from last.pt and ends with the uninterrupted run's weights. The test
+    paces rank 0: metrics.jsonl is a FIFO that rank 0 opens for each record (--log-every 1) and the
+    test reads; after step 5's record (so after the step-4 checkpoint) it stops reading, which holds
+    rank 0 at step 6's record, before the step-6 checkpoint, on any machine."""
     out = synthetic_run_dir(tmp_path / "killed")
+    metrics = os.path.join(out, "metrics.jsonl")
+    os.mkfifo(metrics)
+    records = []
+    held = threading.Event()
+    go_on = threading.Event()
+    finished = threading.Event()
+
+    def read_records():  # one open of the FIFO per record rank 0 writes
+        while not finished.is_set():
+            with open(metrics) as f:
+                records.extend(json.loads(line) for line in f)
+            if records and records[-1].get("step") == 5 and not held.is_set():
+                held.set()
+                go_on.wait()
+    reader = threading.Thread(target=read_records, daemon=True)
+    reader.start()
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node=2", "--max-restarts=1",
                               os.path.join(HERE, "train.py"),
                               *map(str, tiny_train_args(out, *DDP_ARGS))], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while len(workers := child_pids(agent.pid)) < 2:
+    while not held.wait(timeout=0.05):
         assert agent.poll() is None, agent.communicate()[1][-2000:]
-        time.sleep(0.01)  # (a busy loop would take a core from the workers)
-    os.mkfifo(os.path.join(out, f"step_0000004.tmp{workers[0]}.pt"))
-    while not (os.path.exists(os.path.join(out, "last.pt")) and weights(out)["step"] == 4):
-        assert agent.poll() is None, agent.communicate()[1][-2000:]
-        time.sleep(0.01)
+    assert weights(out)["step"] == 4  # rank 0 waits at step 6's record: no step-6 checkpoint yet
+    workers = child_pids(agent.pid)
     os.kill(workers[1], signal.SIGKILL)
+    while os.path.exists(f"/proc/{workers[0]}"):  # the agent stops rank 0 before it restarts both
+        assert agent.poll() is None, agent.communicate()[1][-2000:]
+        time.sleep(0.05)
+    go_on.set()
     stdout, err = agent.communicate(timeout=600)
-    assert agent.returncode == 0 and "resumed from" in stdout and "at step 4" in stdout, err[-3000:]
-    # the FIFO was a dead process's temporary: removed
+    finished.set()
+    os.close(os.open(metrics, os.O_WRONLY | os.O_NONBLOCK))  # the reader's last open returns
+    reader.join(timeout=10)
+    assert agent.returncode == 0, err[-3000:]
+    assert "resumed from" in stdout and "at step 4" in stdout, stdout[-3000:]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     a = weights(ddp_run)
     b = weights(out)
@@ -1357,8 +1439,11 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
               "samples.png", "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
     grid = Image.open(os.path.join(out, "samples.png"))
-    # 2 per class x 10 classes, shown at 2x, 2 px gaps
-    assert grid.size == (2 * (64 + 2), 10 * (64 + 2))
+    # 2 per class x 10 classes, shown at 2x, 2 px gaps, after a column of class names (6 px a
+    # character of the longest, "T-shirt/top", and 8)
+    assert grid.size == (6 * 11 + 8 + 2 * (64 + 2), 10 * (64 + 2))
+    names = np.asarray(grid.convert("L"))[:, :6 * 11 + 8]
+    assert all(names[r * 66:(r + 1) * 66].min() < 100 for r in range(10))  # each row is named
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
     ckpt = weights(out)
@@ -1391,8 +1476,9 @@ def test_miniature_imagenet_through_torchrun(tmp_path):
     assert tokens["labels"].tolist() == [c for c in range(1000) for _ in (0, 1)]
     # the per-rank parts were joined and removed
     assert not [f for f in os.listdir(out) if ".part" in f]
-    # 10 of 1000 classes
-    assert Image.open(os.path.join(out, "samples.png")).size == (1 * (32 + 2), 10 * (32 + 2))
+    # 10 of 1000 classes, named by their folders ("n00000": 6 px a character, and 8)
+    assert Image.open(os.path.join(out, "samples.png")).size == (6 * 6 + 8 + 1 * (32 + 2),
+                                                                 10 * (32 + 2))
     sample_args = ["grid", "--ckpt", os.path.join(out, "last.pt"), "--per-class", 1, "--steps", 5,
                    "--batch-size", 64, "--seed", 3]
     r = torchrun("sample.py", *sample_args, "--out-npz", tmp_path / "two.npz")
@@ -1555,6 +1641,56 @@ def test_the_gradient_skip_rule_stops_updates_from_its_step_on(tmp_path):
     assert torch.equal(first["exp_avg"], after["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_the_learning_rate_follows_its_closed_form_and_the_log_shows_it(ddp_run):
+    """Warm-up (i + 1)/W, or i/W for the releases' --warmup-from-zero, then a half cosine from lr to
+    min_lr_ratio·lr at the last step; the lr each record logs is the one of its update (record
+    step s: update s − 1)."""
+    args = argparse.Namespace(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1,
+                              warmup_from_zero=False)
+    cosine = {10: 1.0, 35: (1 + math.sqrt(0.5)) / 2, 60: 0.5, 85: (1 - math.sqrt(0.5)) / 2, 110: 0}
+    expected = {0: 1e-4, 4: 5e-4, 9: 1e-3}
+    expected.update({i: 1e-3 * (0.1 + 0.9 * c) for i, c in cosine.items()})
+    for step, lr in expected.items():
+        assert abs(train.learning_rate(step, args) - lr) < 1e-15, step
+    args.warmup_from_zero = True
+    assert [train.learning_rate(i, args) for i in (0, 5, 10)] == [0.0, 5e-4, 1e-3]
+    logged = [json.loads(line) for line in open(os.path.join(ddp_run, "metrics.jsonl"))]
+    logged = {r["step"]: r["lr"] for r in logged if "lr" in r}
+    assert sorted(logged) == list(range(1, 9))
+    for step, lr in logged.items():  # DDP_ARGS: lr 3e-3, warm-up 2, 8 steps, min_lr_ratio 0.1
+        update = step - 1
+        if update < 2:
+            closed = 3e-3 * (update + 1) / 2
+        else:
+            closed = 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (update - 2) / 6)))
+        assert abs(lr - closed) < 1e-15, (step, lr, closed)
+
+
+def test_one_ema_update_is_the_closed_form_and_ema_0_keeps_none(tmp_path):
+    """ema ← d·ema + (1 − d)·model with d = min(--ema, (1 + t)/(10 + t)); --ema 0: no EMA, none in
+    the checkpoint; load_model returns the EMA weights when a checkpoint has them."""
+    model = random_gpt(seed=1)
+    ema = random_gpt(seed=2)
+    for step, decay in ((5, 6 / 15), (100_000, 0.999)):
+        before = [p.clone() for p in ema.parameters()]
+        args = argparse.Namespace(ema=0.999)
+        run = argparse.Namespace(model=model, ema=ema, step=step, args=args)
+        train.Run.update_ema(run)
+        for old, new, target in zip(before, ema.parameters(), model.parameters()):
+            assert (new - (decay * old + (1 - decay) * target)).abs().max() < 1e-6
+    args = train.get_parser().parse_args(["--ema", "0", "--out-dir", str(tmp_path)])
+    run = train.Run(RandARConfig(**TINY), args, torch.device("cpu"), 0, 1, "tokenizer.pt")
+    assert run.ema is None
+    run.save()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "ema" not in ckpt
+    ckpt["ema"] = random_gpt(seed=3).state_dict()
+    torch.save(ckpt, tmp_path / "with_ema.pt")
+    loaded = randar.load_model(str(tmp_path / "with_ema.pt"))[0]
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, ckpt["ema"][name]), name
+
+
 # ---- sampling and the FID protocol (sample.py) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -1581,8 +1717,8 @@ def test_sample_command_writes_png_and_npz_and_a_seed_fixes_them(tiny_run, tmp_p
     assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (6, 16, 16, 1)
     assert a["arr_1"].tolist() == [1, 1, 1, 3, 3, 3]
     assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 0
-    # 4x upscaled by default
-    assert Image.open(tmp_path / "a.png").size == (3 * (4 * 16 + 2), 2 * (4 * 16 + 2))
+    # 4x upscaled by default, after the class names ("trouser", "dress": 6 px a character, and 8)
+    assert Image.open(tmp_path / "a.png").size == (6 * 7 + 8 + 3 * (4 * 16 + 2), 2 * (4 * 16 + 2))
 
 
 def test_sampling_killed_during_assembly_resumes_to_the_same_bytes(tiny_run, tmp_path, capsys):
@@ -1665,10 +1801,7 @@ def test_sample_figures_and_animation_have_their_layout(tiny_run, tmp_path):
     for command, extra, size in [("compare", ["--classes", "0,1"], (56 + 2 * 66, 6 * 66)),
                                  ("outpaint",
                                   [tmp_path / "in.png", "--sides", "right,top", "--results", 2,
-                                   "--edit-class", 5], (5 * 66, 12 + 66)),
-                                 ("extrapolate",
-                                  ["--classes", "2", "--per-class", 2, "--extrapolate-steps",
-                                   6], (4 * 130, 12 + 130))]:
+                                   "--edit-class", 5], (5 * 66, 12 + 66))]:
         out = tmp_path / f"{command}.png"
         assert cli("sample.py", command, "--ckpt", ckpt, "--out", out, *extra) is None
         assert Image.open(out).size == size, command
@@ -1684,19 +1817,6 @@ def test_sample_figures_and_animation_have_their_layout(tiny_run, tmp_path):
     assert (first == 128).mean() > 0.8  # one token decoded per panel, the rest grey
     gif.seek(gif.n_frames - 1)
     assert (np.asarray(gif.convert("L"))[12:] == 128).mean() < 0.5
-
-
-def test_inpainting_keeps_known_tokens(tiny_run, tmp_path):
-    Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
-    args = sample.parse(["inpaint", str(tmp_path / "in.png"), "--ckpt",
-                         os.path.join(tiny_run, "last.pt"), "--mask", "4,0,12,8", "--edit-class",
-                         "3", "--results", "3", "--out", str(tmp_path / "o.png")])
-    sample.setup(args)
-    model, vq = sample.load_run(args)
-    tokens, (positions, known_tokens) = sample.edit(model, vq, args)
-    assert positions.size(1) == 16 - 4  # 2x2 tokens masked
-    assert torch.equal(tokens.gather(1, positions), known_tokens)
-    assert os.path.exists(tmp_path / "o.png")
 
 
 def test_sample_command_line_errors_are_one_line_and_write_nothing(tiny_run, tmp_path):
@@ -1747,8 +1867,8 @@ def test_sample_runs_on_the_official_checkpoint_format(tiny_run, tmp_path, capsy
 
 def test_bench_measures_every_size_batch_and_decoding(capsys):
     """Random weights of a preset; the model's own N = 16 and N = 64 on an extrapolation grid; one
-    row per (size, batch, decoding) with the paper's 88-of-256 step ratio, and images / s = 1000 /
-    (ms / image)."""
+    row per (size, batch, decoding) with the paper's 88-of-256 step ratio (timings: the command's
+    business, not a test's)."""
     common.run(sample.main,
                sample.parse(["bench", "--preset", "tiny", "--sizes", "16,64", "--bench-batch", "2",
                              "--repeats", "1", "--device", "cpu"]))
@@ -1758,8 +1878,99 @@ def test_bench_measures_every_size_batch_and_decoding(capsys):
     assert [(int(n), int(b), d, int(s)) for n, b, d, s, *_ in rows] == [
         (N, batch, f"eager, {kind}", steps) for N in (16, 64) for batch in (1, 2)
         for kind, steps in (("1 token/step", N), ("parallel", round(N * 88 / 256)))]
-    for *_, ms, images_s in rows:
-        assert abs(float(images_s) * float(ms) - 1000) <= 20
+    assert all(float(ms) > 0 for *_, ms, _ in rows)
+
+
+def loaded(command, *argv):
+    """sample.py's args, model and tokenizer for a command, as main() sets them up."""
+    args = sample.parse([command, *map(str, argv)])
+    sample.setup(args)
+    model, vq = sample.load_run(args)
+    return args, model, vq
+
+
+def test_editing_keeps_the_input_where_it_should(tiny_run, tmp_path):
+    """inpaint: the known tokens are the input's own codes outside the mask, and the results keep
+    them; outpaint: the kept part moves away from the new side by --extend pixels (the figure's
+    third panel), the known tokens are the columns it covers; extrapolate: the base tokens sit at
+    the even rows and columns of the doubled grid."""
+    ckpt = os.path.join(tiny_run, "last.pt")
+    image = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    args, model, vq = loaded("inpaint", tmp_path / "in.png", "--ckpt", ckpt, "--mask", "4,0,12,8",
+                             "--edit-class", 3, "--results", 3, "--out", tmp_path / "i.png")
+    tokens, (positions, known_tokens) = sample.edit(model, vq, args)
+    masked = {1, 2, 5, 6}  # the box covers token columns 1-2 of token rows 0-1 (4 px a token)
+    assert positions[0].tolist() == [p for p in range(16) if p not in masked]
+    codes = vq.encode_images(torch.from_numpy(image)[None, None])[0].flatten()
+    assert torch.equal(known_tokens[0], codes[positions[0]])
+    assert torch.equal(tokens.gather(1, positions), known_tokens)
+    args, model, vq = loaded("outpaint", tmp_path / "in.png", "--ckpt", ckpt, "--sides", "right",
+                             "--extend", 4, "--edit-class", 5, "--results", 2, "--scale", 1,
+                             "--out", tmp_path / "o.png")
+    tokens, (positions, known_tokens) = sample.edit(model, vq, args)
+    assert positions[0].tolist() == [p for p in range(16) if p % 4 != 3]
+    assert torch.equal(tokens.gather(1, positions), known_tokens)
+    kept = np.asarray(Image.open(tmp_path / "o.png"))[12:28, 2 * 18:2 * 18 + 16]  # third panel
+    assert np.array_equal(kept[:, :12], image[:, 4:])  # moved 4 px left
+    assert (kept[:, 12:] == 128).all()  # the new strip, shown grey
+    args, model, vq = loaded("extrapolate", "--ckpt", ckpt, "--classes", 2, "--per-class", 2,
+                             "--extrapolate-steps", 6, "--out", tmp_path / "e.png")
+    base, big = sample.extrapolate(model, vq, args)
+    assert Image.open(tmp_path / "e.png").size == (4 * 130, 12 + 130)  # base | extrapolated, x2
+    assert big.shape == (2, 64)
+    assert torch.equal(big.view(2, 8, 8)[:, ::2, ::2], base.view(2, 4, 4))
+
+
+def test_compare_rows_are_the_decodings_they_name(tiny_run, tmp_path):
+    """Row names give the decoding and its steps; the raster and random rows are what generate()
+    makes with that order and the first chunk's seed."""
+    args, model, vq = loaded("compare", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes",
+                             "0,1", "--out", tmp_path / "c.png")
+    names, tokens = sample.compare(model, vq, args)
+    assert names == ["raster\n16 steps", "random\n16 steps", "parallel\n8 steps",
+                     "parallel\n6 steps", "parallel\n4 steps", "parallel\n2 steps"]
+    labels = torch.tensor([0, 1])
+    for row, order in ((0, "raster"), (1, "random")):
+        direct = generate(model, labels, order=order, steps=16, cfg_scale=args.cfg,
+                          generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens[row], direct), order
+
+
+def test_a_release_yaml_sets_the_default_number_of_steps(tiny_run, tmp_path, monkeypatch):
+    """Without --steps, a release decodes in its YAML's num_inference_steps (6 in the tiny
+    release's): every generate() call runs 6 steps; --steps 5 overrides it."""
+    official = ["--ckpt", os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
+                "--config", os.path.join(FIXTURES, "randar_tiny_official.yaml"),
+                "--vq-ckpt", os.path.join(tiny_run, "tokenizer.pt")]
+    steps_run = []
+
+    def counting_generate(*args, **kwargs):
+        calls = []
+        out = generate(*args, **kwargs, callback=lambda step, logits, new: calls.append(step))
+        steps_run.append(len(calls))
+        return out
+    monkeypatch.setattr(sampling, "generate", counting_generate)
+    for extra, steps in (([], 6), (["--steps", 5], 5)):
+        steps_run.clear()
+        args, model, vq = loaded("grid", *official, "--classes", "0,1", "--per-class", 1, *extra,
+                                 "--out", tmp_path / "g.png")
+        assert args.steps == steps
+        sample.grid(model, vq, args)
+        assert steps_run and set(steps_run) == {steps}, (extra, steps_run)
+
+
+def test_sample_grids_name_their_rows(tmp_path):
+    assert image_data.class_names("fashion-mnist", [0, 9]) == ["T-shirt/top", "ankle boot"]
+    for folder in ("dog", "cat"):
+        (tmp_path / folder).mkdir()
+    assert image_data.class_names(str(tmp_path), [1, 0]) == ["dog", "cat"]
+    assert image_data.class_names(None, [3, 250]) == ["class 3", "class 250"]
+    names = [f"class {c}" for c in (0, 1)]
+    grid = common.image_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8) + 255, nrow=2,
+                             row_labels=names, label_width=common.label_width(names))
+    assert grid.size == (6 * 7 + 8 + 2 * 10, 2 * 10)
+    assert np.asarray(grid)[:, :50].min() < 100  # the names are drawn (antialiased)
 
 
 # ---- eval_fid.py: FID, precision / recall, the Fashion-MNIST scorer; the linear probe
@@ -1863,7 +2074,7 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     assert abs(m["fid"]) < 1e-3
     assert m["precision"] == 1.0
     assert m["recall"] == 1.0
-    assert m["is_mean"] >= 1.0
+    assert {"is_mean", "is_std"} <= set(m)  # (the score itself: its own test)
     assert m["fid_statistics"] == "computed from the 10 images of s.npz"
     assert "stores no mu / sigma" in r.stdout
     feats = eval_fid.inception_outputs(eval_fid.load_inception(weights), images)[0]
@@ -2019,6 +2230,58 @@ def docs_figures():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_inception_score_matches_its_formula_written_in_numpy():
+    """exp(mean KL(p(y|x) || p(y))) per split of N // splits images (the 25th left out), softmax
+    over the logits as given, mean and std over the splits."""
+    logits = np.random.default_rng(0).normal(size=(25, 1008)) * 3
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in (p[:12], p[12:24]):
+        kl = (part * (np.log(part) - np.log(part.mean(0)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    mean, std = eval_fid.inception_score(logits, splits=2)
+    assert abs(mean - np.mean(scores)) < 1e-9 and abs(std - np.std(scores)) < 1e-9
+    assert mean > 1.5  # random logits: far from the score of one image per split
+
+
+def avg_pool_ignoring_padding(x):
+    """3x3, stride 1: the mean of the neighbours inside the image, written out."""
+    out = np.zeros_like(x)
+    H, W = x.shape[-2:]
+    for i in range(H):
+        for j in range(W):
+            window = x[..., max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+            out[..., i, j] = window.mean(axis=(-2, -1))
+    return out
+
+
+def test_fid_inception_input_pools_and_logits_are_the_tf_graphs():
+    """What a published FID depends on beside the resize (tested against TensorFlow itself), each
+    against a computation written out here: uint8 pixels scaled by the graph's Sub 128 and Mul
+    1/128; TensorFlow's 3x3 average pool, which ignores the padding; the 2048 features, the spatial
+    mean of Mixed_7c; the logits, without the fc bias. (pytorch-fid, the reference the issue named,
+    needs a torchvision; none that installs here loads against a CPU torch.)"""
+    torch.manual_seed(0)
+    model = eval_fid.FIDInception().eval()
+    torch.nn.init.ones_(model.fc.bias)
+    seen = {}
+    model.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, a: seen.update(input=a[0]))
+    model.Mixed_7c.register_forward_hook(lambda m, a, out: seen.update(mixed_7c=out))
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    with torch.no_grad():
+        features, logits = model(images)
+    scaled = (images.numpy().astype(np.float64) - 128) / 128
+    assert np.abs(seen["input"].numpy() - scaled).max() < 1e-6
+    pooled = seen["mixed_7c"].double().numpy().mean(axis=(2, 3))
+    assert np.abs(features.double().numpy() - pooled).max() < 1e-5
+    no_bias = pooled @ model.fc.weight.detach().double().numpy().T
+    assert np.abs(logits.double().numpy() - no_bias).max() < 1e-3
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    expected = avg_pool_ignoring_padding(x.numpy())
+    assert np.abs(eval_fid.avg_pool_tf(x).numpy() - expected).max() < 1e-12
 
 
 # ---- every script's command line, and the code base ----------------------------------------------

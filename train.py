@@ -54,8 +54,8 @@ def validation_loss(model, data, args, device, ctx):
         order = orders[sl].to(device) if args.order == "random" else "raster"
         with ctx:
             _, loss = model(tokens[sl].to(device), labels[sl].to(device), order=order)
-        total = total + loss.item() * len(tokens[sl])
-        count = count + len(tokens[sl])
+        total += loss.item() * len(tokens[sl])
+        count += len(tokens[sl])
     t = torch.tensor([total, count], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -292,8 +292,8 @@ class Run:
             self.opt.step()
             self.update_ema()
         self.opt.zero_grad(set_to_none=True)
-        self.step = self.step + 1
-        self.batch_in_epoch = self.batch_in_epoch + 1
+        self.step += 1
+        self.batch_in_epoch += 1
         return lr, grad_norm
 
     def skips_update(self):
