@@ -52,7 +52,8 @@ def known_canvas(model, known, B, N):
 
 def generation_order(model, order, positions, is_known, generator):
     """Known positions first, as given, then the unknown ones in the requested order -> [B, N]."""
-    (B, K), N = positions.shape, is_known.size(1)
+    B, K = positions.shape
+    N = is_known.size(1)
     if not isinstance(order, str):
         order = make_order(order, B, N, model.rope.device)
         if not is_known.gather(1, order[:, :K]).all():
@@ -120,11 +121,14 @@ READ_BUCKET = 64
 
 class Feed(NamedTuple):
     """What one decode step feeds, built on the host before the loop."""
-    gen_index: torch.Tensor  # [L] the generation index each fed item shows
+    # [L] the generation index each fed item shows
+    gen_index: torch.Tensor
     # [L] True: the PI token of that index; False: its sampled token's embedding
     is_pi: torch.Tensor
-    slots: torch.Tensor      # [L] the cache slot each item is written to
-    queries: torch.Tensor    # [m] the fed items whose logits are read (the next step's predictions)
+    # [L] the cache slot each item is written to
+    slots: torch.Tensor
+    # [m] the fed items whose logits are read (the next step's predictions)
+    queries: torch.Tensor
     # attention reads cache slots [0, read): the filled prefix, rounded up to READ_BUCKET
     read: int
 
@@ -173,7 +177,8 @@ class Guidance(NamedTuple):
     keep: Optional[torch.Tensor]
     # 1: no guidance, 2: [cond; uncond], 3: [cond; uncond; weak context]
     groups: int
-    cfg_scale: tuple                # (start, end)
+    # (start, end) of the CFG scale, and of the spatial scale when groups == 3
+    cfg_scale: tuple
     spatial_cfg_scale: Optional[tuple]
 
     def scales(self, filled):
@@ -297,7 +302,8 @@ def generate(model, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), te
 def decode(model, rope, order, generated, schedule, guidance, callback, compile, sampling):
     """Prefill, then sample and feed until every token is drawn; generated [B, N] in generation
     order."""
-    (B, N), G = generated.shape, guidance.groups
+    B, N = generated.shape
+    G = guidance.groups
     K = N - sum(schedule)
     device = rope.device
     autocast = torch.is_autocast_enabled(device.type)

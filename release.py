@@ -29,7 +29,8 @@ def read_safetensors(path):
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
             numel = math.prod(info["shape"])
             if end - start != numel * dtype.itemsize or base + end > len(data):
                 raise ValueError(f"tensor {name} runs past the end of the file")

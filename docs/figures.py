@@ -34,7 +34,8 @@ import tokenizer as tok  # noqa: E402
 from generate import generate  # noqa: E402
 from randar import load_model  # noqa: E402
 
-STEPS, SEEDS = (8, 16, 22, 64), (0, 1)
+STEPS = (8, 16, 22, 64)
+SEEDS = (0, 1)
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 
