@@ -435,8 +435,8 @@ def test_compiled_decoding_gives_the_eager_tokens(model_compiled_once, kw):
     for compiled in (False, True):
         seen = []
         out = generate(model_compiled_once, **kw, compile=compiled,
-                       generator=torch.Generator().manual_seed(3), callback=lambda s, logits,
-                       new: seen.append(logits))
+                       generator=torch.Generator().manual_seed(3),
+                       callback=lambda step, logits, new: seen.append(logits))
         runs.append((out, seen))
     (a, la), (b, lb) = runs
     assert torch.equal(a, b) and len(la) == len(lb)
@@ -695,7 +695,7 @@ def test_spatial_cfg_at_scale_one_is_plain_decoding():
 
 
 def test_guidance_combines_the_groups_as_the_formula_says():
-    """docs/algorithm.md §6, expanded by hand: s·cond + (s_sp − s)·uncond + (1 − s_sp)·weak equals
+    """docs/algorithm.md §6, §8, expanded by hand: s·cond + (s_sp − s)·uncond + (1 − s_sp)·weak is
     weak + s·(cond − uncond) + s_sp·(uncond − weak); CFG alone: uncond + s·(cond − uncond); the
     scales move linearly from start to end with the filled fraction."""
     g = torch.Generator().manual_seed(0)
@@ -1398,11 +1398,13 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     cmd = [sys.executable, "-c", writer]
     def temporaries():
         return [f for f in os.listdir(out) if ".tmp" in f]
+
+    def mid_write():  # a temporary with at least 1 MB written
+        found = temporaries()
+        return found and os.path.getsize(os.path.join(out, found[0])) >= (1 << 20)
     proc = subprocess.Popen(cmd, cwd=HERE)
-    while proc.poll() is None and (not temporaries()
-                                   or os.path.getsize(os.path.join(out,
-                                                                   temporaries()[0])) < (1 << 20)):
-        time.sleep(0.001)  # wait until it is mid-write
+    while proc.poll() is None and not mid_write():
+        time.sleep(0.001)
     proc.kill()
     proc.wait()
     assert temporaries(), "the kill landed outside a write"
@@ -1477,8 +1479,8 @@ def test_miniature_imagenet_through_torchrun(tmp_path):
     # the per-rank parts were joined and removed
     assert not [f for f in os.listdir(out) if ".part" in f]
     # 10 of 1000 classes, named by their folders ("n00000": 6 px a character, and 8)
-    assert Image.open(os.path.join(out, "samples.png")).size == (6 * 6 + 8 + 1 * (32 + 2),
-                                                                 10 * (32 + 2))
+    size = Image.open(os.path.join(out, "samples.png")).size
+    assert size == (6 * 6 + 8 + 1 * (32 + 2), 10 * (32 + 2))
     sample_args = ["grid", "--ckpt", os.path.join(out, "last.pt"), "--per-class", 1, "--steps", 5,
                    "--batch-size", 64, "--seed", 3]
     r = torchrun("sample.py", *sample_args, "--out-npz", tmp_path / "two.npz")
