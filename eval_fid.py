@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -400,21 +401,38 @@ def classifier_outputs(model, images, batch_size=500):
     return features, logits
 
 
-def fashion_scores(model, images, labels, data_dir=None):
+# classifier -> {data_dir: its test-split reference}, kept while the classifier lives
+REFERENCES = weakref.WeakKeyDictionary()
+
+
+def fashion_reference(model, data_dir=None, k=3):
+    """The test split's features in the unit of their mean std (FD in that unit is free of the
+    network's arbitrary scale), their mean, covariance and k-NN radii: computed once per classifier
+    and data folder, since every scoring call compares against them."""
+    cached = REFERENCES.setdefault(model, {})
+    if data_dir not in cached:
+        ref = classifier_outputs(model, image_data.fashion_mnist("test", data_dir)[0])[0]
+        unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])
+        ref = ref / unit
+        real = torch.as_tensor(ref, dtype=torch.float64)
+        cached[data_dir] = {"unit": unit, "mu": ref.mean(0), "sigma": np.cov(ref, rowvar=False),
+                            "real": real, "radii": _radii(real, k)}
+    return cached[data_dir]
+
+
+def fashion_scores(model, images, labels, data_dir=None, k=3):
     """class_consistency (the classifier's accuracy against the labels), and FD, precision, recall
     of the images' features against the test split's (FD in units of the test features' mean
     variance)."""
     feats, logits = classifier_outputs(model, images)
-    ref = classifier_outputs(model, image_data.fashion_mnist("test", data_dir)[0])[0]
-    # the test features' mean std:
-    unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])
-    feats = feats / unit
-    ref = ref / unit  # FD in that unit, free of the network's arbitrary scale
-    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0),
-                          np.cov(ref, rowvar=False))
-    precision, recall = precision_recall(ref, feats)
-    return {"class_consistency": float((logits.argmax(1) == np.asarray(labels)).mean()), "fid": fd,
-            "precision": precision, "recall": recall}
+    ref = fashion_reference(model, data_dir, k)
+    feats = feats / ref["unit"]
+    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref["mu"], ref["sigma"])
+    fake = torch.as_tensor(feats, dtype=torch.float64)
+    precision = _coverage(fake, ref["real"], ref["radii"])  # as precision_recall(real, fake)
+    recall = _coverage(ref["real"], fake, _radii(fake, k))
+    consistency = float((logits.argmax(1) == np.asarray(labels)).mean())
+    return {"class_consistency": consistency, "fid": fd, "precision": precision, "recall": recall}
 
 
 def fashion_classifier(data_dir=None):

@@ -1351,7 +1351,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     straight = synthetic_run_dir(tmp_path / "straight")
     killed = synthetic_run_dir(tmp_path / "killed")
     args = ["--steps", 30, "--ckpt-every", 5]  # random order and dropout: RNG state matters
-    assert run("train.py", *tiny_train_args(straight, *args)).returncode == 0
+    assert cli("train.py", *tiny_train_args(straight, *args)) is None
     cmd = [sys.executable, os.path.join(HERE, "train.py"),
            *map(str, tiny_train_args(killed, *args))]
     metrics = os.path.join(killed, "metrics.jsonl")
@@ -1362,18 +1362,12 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert_same_weights(weights(straight), weights(killed))
 
 
-def test_resume_is_exact_after_a_kill_at_every_stage(tmp_path):
+def test_resume_is_exact_after_a_kill_at_every_stage(fashion_run, tmp_path):
     """One run killed between and inside the stages (tokenizer, encoding, first checkpoint,
-    training), rerun after each kill: it ends with the weights of an uninterrupted run, bit for
-    bit."""
-    def command(out):
-        return [sys.executable, os.path.join(HERE, "train.py"), "--out-dir", str(out), "--limit",
-                "256", "--tokenizer-steps", "4", "--steps", "8", "--batch-size", "16", "--preset",
-                "tiny", "--val-limit", "32", "--ckpt-every", "2", "--eval-every", "4",
-                "--samples-per-class", "1", "--log-every", "1"]
-    straight = tmp_path / "straight"
+    training), rerun after each kill: it ends with the weights of the uninterrupted run
+    (fashion_run), bit for bit."""
+    command = fashion_command
     out = tmp_path / "killed"
-    assert subprocess.run(command(straight), capture_output=True).returncode == 0
     stages = {"after the tokenizer": lambda: (out / "tokenizer.pt").exists(),
               "during encoding": lambda: (out / "tokens_train.pt").exists(),
               "before the first checkpoint": lambda: (out / "tokens_test.pt").exists(),
@@ -1383,7 +1377,7 @@ def test_resume_is_exact_after_a_kill_at_every_stage(tmp_path):
         assert kill_when(command(out), reached), f"finished before the kill {name}"
     r = subprocess.run(command(out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_weights(weights(straight), weights(out))
+    assert_same_weights(weights(fashion_run), weights(out))
 
 
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
@@ -1431,12 +1425,24 @@ def test_token_cache_made_with_another_tokenizer_is_refused(tmp_path):
     assert not os.path.exists(os.path.join(out, "last.pt"))
 
 
-def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
-    out = str(tmp_path / "run")
-    r = run("train.py", "--out-dir", out, "--limit", 256, "--tokenizer-steps", 4, "--steps", 6,
-            "--batch-size", 16, "--preset", "tiny", "--samples-per-class", 2, "--eval-every", 3,
-            "--val-limit", 64, "--log-every", 1)
-    assert r.returncode == 0, r.stderr[-2000:]
+def fashion_command(out):
+    """A small run on real data through every stage, in seconds (the end-to-end and kill tests)."""
+    return [sys.executable, os.path.join(HERE, "train.py"), "--out-dir", str(out), "--limit", "256",
+            "--tokenizer-steps", "4", "--steps", "8", "--batch-size", "16", "--preset", "tiny",
+            "--val-limit", "32", "--ckpt-every", "2", "--eval-every", "4", "--samples-per-class",
+            "2", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def fashion_run(tmp_path_factory):
+    """fashion_command's run, in this process (the kill test's reruns are child processes)."""
+    out = tmp_path_factory.mktemp("fashion") / "run"
+    assert cli("train.py", *fashion_command(out)[2:]) is None
+    return str(out)
+
+
+def test_train_end_to_end_on_real_fashion_mnist(fashion_run):
+    out = fashion_run
     for f in ("tokenizer.pt", "tokens_train.pt", "tokens_test.pt", "last.pt",
               "samples.png", "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
@@ -1447,7 +1453,7 @@ def test_train_end_to_end_on_real_fashion_mnist(tmp_path):
     names = np.asarray(grid.convert("L"))[:, :6 * 11 + 8]
     assert all(names[r * 66:(r + 1) * 66].min() < 100 for r in range(10))  # each row is named
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
     ckpt = weights(out)
     model = RandAR(RandARConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"], strict=True)
@@ -1481,16 +1487,17 @@ def test_miniature_imagenet_through_torchrun(tmp_path):
     # 10 of 1000 classes, named by their folders ("n00000": 6 px a character, and 8)
     size = Image.open(os.path.join(out, "samples.png")).size
     assert size == (6 * 6 + 8 + 1 * (32 + 2), 10 * (32 + 2))
+    classes = list(range(0, 1000, 4))  # a label range as wide as ImageNet's, 250 images
     sample_args = ["grid", "--ckpt", os.path.join(out, "last.pt"), "--per-class", 1, "--steps", 5,
-                   "--batch-size", 64, "--seed", 3]
+                   "--batch-size", 16, "--seed", 3, "--classes", ",".join(map(str, classes))]
     r = torchrun("sample.py", *sample_args, "--out-npz", tmp_path / "two.npz")
     assert r.returncode == 0, r.stderr[-3000:]
     assert cli("sample.py", *sample_args, "--out-npz", tmp_path / "one.npz") is None
     one = np.load(tmp_path / "one.npz")
     two = np.load(tmp_path / "two.npz")
-    assert two["arr_0"].shape == (1000, 16, 16, 3) and two["arr_1"].tolist() == list(range(1000))
+    assert two["arr_0"].shape == (250, 16, 16, 3) and two["arr_1"].tolist() == classes
     assert np.array_equal(one["arr_0"], two["arr_0"])
-    assert len(np.unique(two["arr_0"].reshape(1000, -1), axis=0)) > 900
+    assert len(np.unique(two["arr_0"].reshape(250, -1), axis=0)) > 225
 
 
 # The release YAML's structure (configs/randar/randar_l_0.3b_llamagen.yaml of the reference): its
@@ -2067,8 +2074,8 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     torch.manual_seed(0)
     weights = str(tmp_path / "random_inception.pth")
     torch.save(eval_fid.FIDInception().state_dict(), weights)
-    images = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 1), dtype=np.uint8)
-    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(10))
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(4))
     r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--inception", weights, "--json",
             tmp_path / "m.json", "--batch-size", 4)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -2076,8 +2083,8 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     assert abs(m["fid"]) < 1e-3
     assert m["precision"] == 1.0
     assert m["recall"] == 1.0
-    assert {"is_mean", "is_std"} <= set(m)  # (the score itself: its own test)
-    assert m["fid_statistics"] == "computed from the 10 images of s.npz"
+    assert "is_mean" not in m  # fewer images than the Inception Score's 10 splits: left out
+    assert m["fid_statistics"] == "computed from the 4 images of s.npz"
     assert "stores no mu / sigma" in r.stdout
     feats = eval_fid.inception_outputs(eval_fid.load_inception(weights), images)[0]
     mu = np.linspace(-1, 1, 2048)
@@ -2171,6 +2178,11 @@ def test_fashion_scorer_rates_real_images_high_shuffled_labels_low_and_noise_far
                                     torch.randint(0, 256, real.shape, dtype=torch.uint8), labels)
     assert scores["class_consistency"] >= 0.7 and shuffled["class_consistency"] <= 0.3
     assert noise["fid"] >= 20 * scores["fid"] and scores["precision"] > noise["precision"]
+    # the test split's reference, kept per classifier, against one computed afresh
+    ref = eval_fid.fashion_reference(quick_fashion_classifier)
+    fake = eval_fid.classifier_outputs(quick_fashion_classifier, real)[0] / ref["unit"]
+    fresh = eval_fid.precision_recall(ref["real"].numpy(), fake)
+    assert fresh == (scores["precision"], scores["recall"])
 
 
 def test_fashion_scorer_command_reads_28_and_32_pixel_npz_and_writes_its_keys(
