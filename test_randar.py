@@ -35,6 +35,7 @@ import common
 import eval_fid
 import generate as gen
 import image_data
+import inception
 import randar
 import release
 import sample
@@ -863,13 +864,13 @@ def test_offline_downloads_name_the_way_out(tmp_path, monkeypatch):
     data_dir.mkdir()
     with pytest.raises(OSError, match="--data-dir .* dataset-fashion-mnist"):
         image_data.fashion_mnist("test", str(data_dir), url=refusing_url())
-    monkeypatch.setattr(eval_fid, "WEIGHTS_URL",
+    monkeypatch.setattr(inception, "WEIGHTS_URL",
                         refusing_url() + "pt_inception-2015-12-05-6726825d.pth")
     hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
         with pytest.raises(OSError, match="pass --inception PATH"):
-            eval_fid.load_inception()
+            inception.load_inception()
     finally:
         torch.hub.set_dir(hub)
     assert os.listdir(data_dir) == []
@@ -1047,7 +1048,7 @@ def test_maskgit_release_end_to_end_sample_npz_fid(maskgit_fx, tmp_path):
     samples = np.load(tmp_path / "s.npz")["arr_0"]
     assert samples.shape == (10, 64, 64, 3) and samples.dtype == np.uint8 and samples.std() > 0
     weights_path = str(tmp_path / "random_inception.pth")
-    torch.save(eval_fid.FIDInception().state_dict(), weights_path)
+    torch.save(inception.FIDInception().state_dict(), weights_path)
     assert cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--inception", weights_path,
                "--json", tmp_path / "m.json") is None
     assert abs(json.load(open(tmp_path / "m.json"))["fid"]) < 1e-3
@@ -2044,7 +2045,7 @@ def test_precision_recall_in_chunks_equals_the_full_distance_matrix():
 
 def test_inception_logits_leave_out_the_fc_bias():
     torch.manual_seed(0)
-    model = eval_fid.FIDInception().eval()
+    model = inception.FIDInception().eval()
     with torch.no_grad():
         model.fc.bias.fill_(5.0)
         feats, logits = model(torch.randint(0, 255, (2, 3, 75, 75), dtype=torch.uint8))
@@ -2052,7 +2053,7 @@ def test_inception_logits_leave_out_the_fc_bias():
 
 
 def test_inception_layout_matches_pytorch_fid_weights():
-    model = eval_fid.FIDInception()
+    model = inception.FIDInception()
     sd = {k: tuple(v.shape) for k, v in model.state_dict().items()
           if not k.endswith("num_batches_tracked")}
     # torchvision's Inception3 (aux classifier dropped, 1008 classes), as pytorch-fid builds it:
@@ -2073,7 +2074,7 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     against its stored mu / sigma, precision and recall against its images."""
     torch.manual_seed(0)
     weights = str(tmp_path / "random_inception.pth")
-    torch.save(eval_fid.FIDInception().state_dict(), weights)
+    torch.save(inception.FIDInception().state_dict(), weights)
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(4))
     r = run("eval_fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--inception", weights, "--json",
@@ -2086,7 +2087,7 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     assert "is_mean" not in m  # fewer images than the Inception Score's 10 splits: left out
     assert m["fid_statistics"] == "computed from the 4 images of s.npz"
     assert "stores no mu / sigma" in r.stdout
-    feats = eval_fid.inception_outputs(eval_fid.load_inception(weights), images)[0]
+    feats = eval_fid.inception_outputs(inception.load_inception(weights), images)[0]
     mu = np.linspace(-1, 1, 2048)
     sigma = np.diag(np.linspace(0.5, 2, 2048))
     np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma)
@@ -2111,7 +2112,7 @@ def test_inception_resize_is_tensorflows_legacy_bilinear():
     for case in ("up", "down", "odd"):
         x = torch.from_numpy(ref[f"{case}_input"]).permute(0, 3, 1, 2).float()
         expected = torch.from_numpy(ref[f"{case}_output"]).permute(0, 3, 1, 2)
-        assert torch.equal(eval_fid.resize_like_tensorflow(x, expected.shape[2:]), expected), case
+        assert torch.equal(inception.resize_like_tensorflow(x, expected.shape[2:]), expected), case
     x = torch.from_numpy(ref["up_input"]).permute(0, 3, 1, 2).float()
     half_pixel = torch.nn.functional.interpolate(x, size=(299, 299),
                                                  mode="bilinear", align_corners=False)
@@ -2149,11 +2150,11 @@ def test_eval_fid_output_paths_are_checked_before_the_work(tmp_path, monkeypatch
     cannot be written) it is refused before Inception is even loaded, not after tens of minutes."""
     np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     argv = [str(tmp_path / "images.npz")] * 2 + ["--json"]
-    monkeypatch.setattr(eval_fid, "load_inception", lambda *a: pytest.fail("the work started"))
+    monkeypatch.setattr(inception, "load_inception", lambda *a: pytest.fail("the work started"))
     with pytest.raises(SystemExit) as stop:
         common.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(tmp_path)]))
     assert f"output {tmp_path} is a directory" in str(stop.value)
-    monkeypatch.setattr(eval_fid, "load_inception", lambda *a: eval_fid.FIDInception().eval())
+    monkeypatch.setattr(inception, "load_inception", lambda *a: inception.FIDInception().eval())
     out = tmp_path / "new" / "deeper" / "fid.json"
     common.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(out)]))
     assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -2279,7 +2280,7 @@ def test_fid_inception_input_pools_and_logits_are_the_tf_graphs():
     mean of Mixed_7c; the logits, without the fc bias. (pytorch-fid, the reference the issue named,
     needs a torchvision; none that installs here loads against a CPU torch.)"""
     torch.manual_seed(0)
-    model = eval_fid.FIDInception().eval()
+    model = inception.FIDInception().eval()
     torch.nn.init.ones_(model.fc.bias)
     seen = {}
     model.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, a: seen.update(input=a[0]))
@@ -2295,7 +2296,7 @@ def test_fid_inception_input_pools_and_logits_are_the_tf_graphs():
     assert np.abs(logits.double().numpy() - no_bias).max() < 1e-3
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     expected = avg_pool_ignoring_padding(x.numpy())
-    assert np.abs(eval_fid.avg_pool_tf(x).numpy() - expected).max() < 1e-12
+    assert np.abs(inception.avg_pool_tf(x).numpy() - expected).max() < 1e-12
 
 
 # ---- every script's command line, and the code base ----------------------------------------------
@@ -2437,8 +2438,8 @@ def test_the_gpu_check_runs_on_the_cpu_in_miniature(tmp_path):
     assert r.stdout.rstrip().endswith("GPU check passed")
 
 
-MODULES = ("common", "eval_fid", "generate", "image_data", "maskgit_vq", "randar", "release",
-           "sample", "sampling", "token_cache", "tokenizer", "train")
+MODULES = ("common", "eval_fid", "generate", "image_data", "inception", "maskgit_vq", "randar",
+           "release", "sample", "sampling", "token_cache", "tokenizer", "train")
 
 
 def import_circle(graph):
