@@ -371,12 +371,8 @@ def compiled_decode_step(model):
     cpu = model.rope.device.type == "cpu"
     # every model shares decode_step's code: past dynamo's recompile limit (8) it would run eager
     if step is None:
-        # (torch < 2.7 calls it cache_size_limit)
         dynamo_config = torch._dynamo.config
-        name = "cache_size_limit"
-        if hasattr(dynamo_config, "recompile_limit"):
-            name = "recompile_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         how = dict(options={"cpp_wrapper": True}) if cpu else dict(mode="reduce-overhead")
         step = torch.compile(model.decode_step, **how)
     COMPILED[model] = (step, weights)
