@@ -140,8 +140,8 @@ def animate(model, vq, args):
         order = make_order(kind, 1, N, args.device, g)
         counts = []
         with args.ctx:
-            tokens = generate(model, label, generator=g, callback=lambda s, logits,
-                              new: counts.append(new.size(1)),
+            tokens = generate(model, label, generator=g,
+                              callback=lambda step, logits, new: counts.append(new.size(1)),
                               **sampling_kwargs(args, order=order, steps=steps))
         movie = []
         filled = torch.zeros(N, dtype=torch.bool, device=args.device)
@@ -245,9 +245,8 @@ def edit(model, vq, args):
     panels = torch.cat([image[None], shown_mask[None], masked_input[None], results])
     # outpaint shifts the input
     kept = "kept" if args.command == "inpaint" else f"kept, moved {args.extend} px"
-    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale,
-                               col_labels=["original", "mask",
-                                           kept] + [f"result {i + 1}" for i in range(n)])
+    names = ["original", "mask", kept] + [f"result {i + 1}" for i in range(n)]
+    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=names)
     save_figure(figure, args.out or default_out(args))
     return tokens, known
 
@@ -259,8 +258,8 @@ def extrapolate(model, vq, args):
     extrapolation. Returns the base tokens [B, g*g] and the extrapolated ones [B, G*G]."""
     f = args.factor
     g = model.config.grid
-    labels = torch.tensor(check_classes(args.classes, model),
-                          device=args.device).repeat_interleave(args.per_class)
+    classes = torch.tensor(check_classes(args.classes, model), device=args.device)
+    labels = classes.repeat_interleave(args.per_class)
     base, base_images = generate_batched(model, vq, labels, args, desc="base")
     G = f * g
     positions = ((torch.arange(g) * f * G)[:, None] + torch.arange(g) * f).flatten().to(args.device)
@@ -287,8 +286,10 @@ def setup(args):
     if "RANK" in os.environ and args.command != "grid":
         raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
     args.rank, args.world, args.device = common.setup_distributed(args.device)
-    args.ctx = torch.autocast("cuda",
-                              dtype=torch.bfloat16) if args.device.type == "cuda" else nullcontext()
+    if args.device.type == "cuda":
+        args.ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        args.ctx = nullcontext()
 
 
 def main(args):
@@ -338,8 +339,8 @@ def comma_list(kind, what, check=lambda values: True):
     return parse
 
 
-number_pair = comma_list(float, "START,END (two numbers)", lambda v: len(v) == 2
-                         and all(map(math.isfinite, v)))
+number_pair = comma_list(float, "START,END (two numbers)",
+                         lambda v: len(v) == 2 and all(map(math.isfinite, v)))
 class_list = comma_list(int, "a comma list of class indices")
 square_list = comma_list(int, "a comma list of square token counts (64,256)",
                          lambda v: all(n > 0 and math.isqrt(n) ** 2 == n for n in v))

@@ -247,8 +247,9 @@ def test_generation_matches_reference(fx, name):
     final = []
     tokens = generate(model, case["labels"], order=case["token_order"],
                       steps=case["num_inference_steps"], cfg_scale=tuple(case["cfg_scales"]),
-                      top_k=case["top_k"], callback=lambda step, logits,
-                      new: (seen.append((logits, new)), final.append(caches(model))))
+                      top_k=case["top_k"],
+                      callback=lambda step, logits, new: (seen.append((logits, new)),
+                                                          final.append(caches(model))))
     assert torch.equal(tokens, case["tokens"])
     assert [new.size(1) for _, new in seen] == case["tokens_per_step"]
     for (logits, new), ref in zip(seen, case["steps"], strict=True):
@@ -362,8 +363,8 @@ def teacher_forced_kv(model, tokens, labels, order):
     captured = []
     hooks = []
     for layer in model.layers:
-        hooks.append(layer.attention.wqkv.register_forward_hook(lambda m, i,
-                                                                out: captured.append(out)))
+        hook = layer.attention.wqkv.register_forward_hook(lambda m, i, out: captured.append(out))
+        hooks.append(hook)
     model(tokens, labels, order=order)
     for h in hooks:
         h.remove()
@@ -390,8 +391,9 @@ def test_cached_decoding_equals_teacher_forcing(steps, cfg_scale):
     seen = []
     final = []
     tokens = generate(model, labels, order=order, steps=steps, cfg_scale=cfg_scale, temperature=1.0,
-                      generator=g, callback=lambda step, logits,
-                      new: (seen.append(logits), final.append(caches(model))))
+                      generator=g,
+                      callback=lambda step, logits, new: (seen.append(logits),
+                                                          final.append(caches(model))))
     cond, _ = model(tokens, labels, order=order)
     uncond, _ = model(tokens, torch.full_like(labels, 10), order=order)
     done = 0
@@ -632,8 +634,9 @@ def test_greedy_decoding_needs_no_temperature_and_draws_nothing_random():
     model = random_gpt()
     seen = []
     greedy = [generate(model, torch.tensor([0]), order="raster", temperature=0.0, top_k=1,
-                       generator=torch.Generator().manual_seed(seed), callback=lambda step, logits,
-                       new: seen.append((logits, new))) for seed in (0, 1)]
+                       generator=torch.Generator().manual_seed(seed),
+                       callback=lambda step, logits, new: seen.append((logits, new)))
+              for seed in (0, 1)]
     assert torch.equal(*greedy) and all(torch.equal(new, logits.argmax(-1)) for logits, new in seen)
 
 
@@ -642,8 +645,8 @@ def test_grouped_query_attention_decodes_like_teacher_forcing():
     labels = torch.tensor([4])
     order = torch.randperm(16, generator=torch.Generator().manual_seed(2))[None]
     seen = []
-    tokens = generate(model, labels, order=order, callback=lambda s, logits,
-                      new: seen.append(logits))
+    tokens = generate(model, labels, order=order,
+                      callback=lambda step, logits, new: seen.append(logits))
     slow, _ = model(tokens, labels, order=order)
     assert (torch.cat(seen, 1) - slow).abs().max() < 1e-4 and slow.std() > 0.1
 
@@ -1129,8 +1132,8 @@ def losses(run):
             if '"loss"' in line]
 
 
-def test_ddp_and_gradient_accumulation_equal_one_process_on_the_same_global_batch(ddp_run,
-                                                                                   tmp_path):
+def test_ddp_and_gradient_accumulation_equal_one_process_on_the_same_global_batch(
+        ddp_run, tmp_path):
     """A global batch of 16 as 1 process x 16, 2 processes x 8 (ddp_run), and 2 processes x 4 x 2
     micro-batches (--grad-accum 2: DDP's no_sync on the first): the same 16 samples per step, so
     the same loss curve and weights, up to float summation order (1e-5, not bitwise)."""
@@ -1319,8 +1322,10 @@ def test_tokenizer_stages_run_on_the_device_they_are_given(tmp_path, monkeypatch
     monkeypatch.setattr(tok.VQModel, "to", move)
     monkeypatch.setattr(tok.VQModel, "device", property(lambda self: self.moved_to))
     to_pixels = tok.to_pixels
-    monkeypatch.setattr(tok, "to_pixels", lambda images,
-                        device=None: (batches.append(device), to_pixels(images, device))[1])
+    def recording_to_pixels(images, device=None):
+        batches.append(device)
+        return to_pixels(images, device)
+    monkeypatch.setattr(tok, "to_pixels", recording_to_pixels)
     args = train.get_parser().parse_args(["--out-dir", str(tmp_path), "--limit", "64",
                                           "--tokenizer-steps", "2"])
     args.workers = 0
@@ -1817,10 +1822,9 @@ def test_npz_images_are_read_memory_mapped_and_unchanged(tmp_path):
 def test_sample_figures_and_animation_have_their_layout(tiny_run, tmp_path):
     ckpt = os.path.join(tiny_run, "last.pt")
     Image.fromarray(np.random.randint(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "in.png")
+    outpaint = [tmp_path / "in.png", "--sides", "right,top", "--results", 2, "--edit-class", 5]
     for command, extra, size in [("compare", ["--classes", "0,1"], (56 + 2 * 66, 6 * 66)),
-                                 ("outpaint",
-                                  [tmp_path / "in.png", "--sides", "right,top", "--results", 2,
-                                   "--edit-class", 5], (5 * 66, 12 + 66))]:
+                                 ("outpaint", outpaint, (5 * 66, 12 + 66))]:
         out = tmp_path / f"{command}.png"
         assert cli("sample.py", command, "--ckpt", ckpt, "--out", out, *extra) is None
         assert Image.open(out).size == size, command
