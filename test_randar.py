@@ -419,8 +419,9 @@ def test_cached_decoding_equals_teacher_forcing(steps, cfg_scale):
 @pytest.fixture(scope="module")
 def model_compiled_once():
     """One tiny model whose decode step goes through torch.compile (inductor on CPU) once for the
-    module."""
-    return random_gpt(seed=8)
+    module; one layer, since compiling (C++ builds) dominates these tests' time and every layer
+    runs the same code."""
+    return random_gpt(seed=8, n_layer=1)
 
 
 @pytest.mark.parametrize("kw", [dict(steps=3, cfg_scale=(1.0, 3.0)),
@@ -455,7 +456,7 @@ def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
     READ_BUCKET steps; the caches are kept, not reallocated for the smaller batch). A width no other
     test compiles, so that no graph is reused."""
     from torch._dynamo.utils import counters
-    model = random_gpt(seed=8, dim=32)
+    model = random_gpt(seed=8, dim=32, n_layer=1)
     batches = (torch.tensor([3, 6]), torch.tensor([4]))
     def draw(labels, steps, compiled):
         return generate(model, labels, steps=steps, grid=16, cfg_scale=(1.0, 4.0),
@@ -481,7 +482,7 @@ def test_compiled_decoding_follows_weights_loaded_after_compiling(model_compiled
         return generate(model, labels, steps=3, cfg_scale=(1.0, 3.0), compile=compiled,
                         generator=torch.Generator().manual_seed(0))
     old_tokens = draw(True)
-    model.load_state_dict(random_gpt(seed=10).state_dict())
+    model.load_state_dict(random_gpt(seed=10, n_layer=1).state_dict())
     new_tokens = draw(False)
     assert not torch.equal(new_tokens, old_tokens) and torch.equal(draw(True), new_tokens)
 
@@ -887,7 +888,7 @@ def test_tokenizer_training_is_bitwise_reproducible_with_threads(tmp_path, capsy
     torch.set_num_threads(2)
     try:
         for out in ("0", "1"):
-            tok.train_tokenizer(str(tmp_path / out), limit=512, steps=10, batch_size=32,
+            tok.train_tokenizer(str(tmp_path / out), limit=128, steps=6, batch_size=32,
                                 reinit_every=4, image_every=100)
     finally:
         torch.set_num_threads(threads)
