@@ -46,8 +46,9 @@ def validation_loss(model, data, args, device, ctx):
     tokens = data["tokens"][:args.val_limit].long()
     labels = data["labels"][:args.val_limit]
     g = torch.Generator().manual_seed(1234)  # the same orders at every evaluation
-    orders = torch.rand(tokens.shape,
-                        generator=g).argsort(1) if args.order == "random" else "raster"
+    orders = "raster"
+    if args.order == "random":
+        orders = torch.rand(tokens.shape, generator=g).argsort(1)
     total = count = 0.0
     for i in range(rank * args.batch_size, len(tokens), world * args.batch_size):
         sl = slice(i, i + args.batch_size)
@@ -243,8 +244,10 @@ class Run:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
                                      betas=(0.9, 0.95), fused=device.type == "cuda")
-        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda"
-                       else None) if world > 1 else self.model
+        self.ddp = self.model
+        if world > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.ddp = DDP(self.model, device_ids=device_ids)
         self.forward = torch.compile(self.ddp, dynamic=False) if args.compile else self.ddp
         self.ddp.train()
 
