@@ -300,8 +300,8 @@ def main(args):
     setup(args)
     torch.manual_seed(args.seed)
     try:
-        args.ckpt = args.ckpt or (None if args.command == "bench" and args.preset
-                                  else "runs/demo/last.pt")
+        random_weights = args.command == "bench" and args.preset
+        args.ckpt = args.ckpt or (None if random_weights else "runs/demo/last.pt")
         # no tokenizer needed; --preset without --ckpt: random weights of that size
         if args.command == "bench":
             if args.ckpt is None:

@@ -39,9 +39,9 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", first
         sl = slice(i, i + args.batch_size)
         batch_seed = args.seed * 1_000_003 + first_chunk + i // args.batch_size
         g = torch.Generator(args.device).manual_seed(batch_seed)
+        known_here = None if known is None else (known[0][sl], known[1][sl])
         with args.ctx:
-            tokens.append(generate(model, labels[sl], known=None if known is None
-                                   else (known[0][sl], known[1][sl]), generator=g,
+            tokens.append(generate(model, labels[sl], known=known_here, generator=g,
                                    **sampling_kwargs(args, **kw)))
     tokens = torch.cat(tokens)
     return tokens, decode_images(vq, tokens, kw.get("grid") or model.config.grid)
