@@ -46,10 +46,11 @@ def load_torch_file(path, what):
 # ----------------------------------------------------------------------------------------------
 # Writing outputs: images and files.
 
-def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1, col_labels=()):
+def image_grid(images_uint8, nrow, row_labels=(), pad=2, scale=1, col_labels=()):
     """(B, C, H, W) uint8 -> PIL image, nrow images per row, optional text labels left of the rows
-    and above the columns; scale > 1 enlarges every image (nearest) so small images stay
-    readable."""
+    (in a column as wide as the longest) and above the columns; scale > 1 enlarges every image
+    (nearest) so small images stay readable."""
+    label_width = row_label_width(row_labels) if row_labels else 0
     if scale > 1:
         images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     B, C, H, W = images_uint8.shape
@@ -69,7 +70,7 @@ def image_grid(images_uint8, nrow, row_labels=(), label_width=0, pad=2, scale=1,
     return canvas
 
 
-def label_width(labels):
+def row_label_width(labels):
     """Pixels for row labels in PIL's default font (about 6 px a character) and a margin."""
     return 6 * max((len(line) for text in labels for line in text.split("\n")), default=0) + 8
 

@@ -203,7 +203,7 @@ def classifier_outputs(model, images, batch_size=500):
     return features, logits
 
 
-# classifier -> {data_dir: its test-split reference}, kept while the classifier lives
+# classifier -> {(data_dir, k): its test-split reference}, kept while the classifier lives
 REFERENCES = weakref.WeakKeyDictionary()
 
 
@@ -212,14 +212,15 @@ def fashion_reference(model, data_dir=None, k=3):
     network's arbitrary scale), their mean, covariance and k-NN radii: computed once per classifier
     and data folder, since every scoring call compares against them."""
     cached = REFERENCES.setdefault(model, {})
-    if data_dir not in cached:
+    if (data_dir, k) not in cached:
         ref = classifier_outputs(model, image_data.fashion_mnist("test", data_dir)[0])[0]
-        unit = np.sqrt(np.trace(np.cov(ref, rowvar=False)) / ref.shape[1])
+        sigma = np.cov(ref, rowvar=False)
+        unit = np.sqrt(np.trace(sigma) / ref.shape[1])
         ref = ref / unit
         real = torch.as_tensor(ref, dtype=torch.float64)
-        cached[data_dir] = {"unit": unit, "mu": ref.mean(0), "sigma": np.cov(ref, rowvar=False),
-                            "real": real, "radii": _radii(real, k)}
-    return cached[data_dir]
+        cached[data_dir, k] = {"unit": unit, "mu": ref.mean(0), "sigma": sigma / unit**2,
+                               "real": real, "radii": _radii(real, k)}
+    return cached[data_dir, k]
 
 
 def fashion_scores(model, images, labels, data_dir=None, k=3):

@@ -91,8 +91,7 @@ def grid(model, vq, args):
     else:
         return
     names = image_data.class_names(args.data, classes)
-    figure = common.image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names,
-                               label_width=common.label_width(names))
+    figure = common.image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names)
     save_figure(figure, args.out or default_out(args))
 
 
@@ -119,7 +118,7 @@ def compare(model, vq, args):
         tokens.append(row_tokens)
         images.append(row_images)
     figure = common.image_grid(torch.cat(images), nrow=len(labels), row_labels=names,
-                               label_width=common.label_width(names), scale=args.scale)
+                               scale=args.scale)
     save_figure(figure, args.out or default_out(args))
     return names, tokens
 

@@ -161,7 +161,6 @@ def sample_grid(model, vq, path, args, device, ctx):
     grid = model.config.grid
     images = vq.decode_images(torch.cat(tokens).view(-1, grid, grid)).cpu()
     names = image_data.class_names(args.data, classes.tolist())
-    figure = common.image_grid(images, nrow=args.samples_per_class, scale=2, row_labels=names,
-                               label_width=common.label_width(names))
+    figure = common.image_grid(images, nrow=args.samples_per_class, scale=2, row_labels=names)
     common.save_png(figure, path)
     model.train()

@@ -1992,7 +1992,7 @@ def test_sample_grids_name_their_rows(tmp_path):
     assert image_data.class_names(None, [3, 250]) == ["class 3", "class 250"]
     names = [f"class {c}" for c in (0, 1)]
     grid = common.image_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8) + 255, nrow=2,
-                             row_labels=names, label_width=common.label_width(names))
+                             row_labels=names)
     assert grid.size == (6 * 7 + 8 + 2 * 10, 2 * 10)
     assert np.asarray(grid)[:, :50].min() < 100  # the names are drawn (antialiased)
 
