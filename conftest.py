@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import eval_fid
 import sample
 import token_cache
@@ -50,7 +51,7 @@ def fx():
 
 
 def reference_gpt(fx):
-    model = RandAR(RandARConfig.from_dict(fx["gpt"]["config"]))
+    model = RandAR(checkpoints.randar_config(fx["gpt"]["config"]))
     model.load_state_dict(fx["gpt"]["state_dict"], strict=True)
     return model.eval()
 

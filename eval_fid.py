@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common
+import checkpoints
+import files
+import flags
 import image_data
 import inception
 
@@ -38,10 +40,10 @@ def load_images(path):
     memory-mapped: Inception reads it a batch at a time."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
-    names = common.npz_names(path)
+    names = files.npz_names(path)
     if "arr_0" not in names:
         raise ValueError(f"{path} has no 'arr_0' array (found: {sorted(names)})")
-    images = common.npz_array(path, "arr_0")
+    images = files.npz_array(path, "arr_0")
     shaped = images.ndim == 4 and images.shape[-1] in (1, 3)
     if not shaped or images.dtype != np.uint8 or len(images) < 2:
         raise ValueError(f"{path}: arr_0 must be at least 2 uint8 NHWC images with 1 or 3 "
@@ -53,12 +55,12 @@ def stored_statistics(path):
     """(mu, sigma) stored in a reference .npz, or None. ADM's reference batches store them, computed
     over the whole ImageNet training set: the FID the papers report is against those; the batch's
     10,000 images serve only precision and recall."""
-    names = common.npz_names(path)
+    names = files.npz_names(path)
     if "mu" not in names and "sigma" not in names:
         return None
     if not {"mu", "sigma"} <= set(names):
         raise ValueError(f"{path} stores only one of 'mu' and 'sigma'")
-    mu, sigma = (np.asarray(common.npz_array(path, name), np.float64) for name in ("mu", "sigma"))
+    mu, sigma = (np.asarray(files.npz_array(path, name), np.float64) for name in ("mu", "sigma"))
     if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all()
                                                                   and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu / sigma must be finite 2048 and 2048x2048 Inception "
@@ -242,9 +244,9 @@ def fashion_classifier(data_dir=None):
     """The classifier cached in the torch hub folder (trained there on first use)."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", "randar_fashion_classifier.pt")
     if not os.path.isfile(cached):
-        common.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
+        files.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
     model = FashionNet()
-    model.load_state_dict(common.load_torch_file(cached,
+    model.load_state_dict(checkpoints.load_torch_file(cached,
                                                  "Fashion-MNIST classifier")["model"], strict=True)
     return model.eval()
 
@@ -253,13 +255,13 @@ def main(args):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.json:
-        common.check_output(args.json)
+        files.check_output(args.json)
     if args.ref == "fashion-mnist":
-        if "arr_1" not in common.npz_names(args.samples):
+        if "arr_1" not in files.npz_names(args.samples):
             raise ValueError(f"{args.samples} has no 'arr_1' (labels): the "
                              "Fashion-MNIST scorer needs them")
         return report(fashion_scores(fashion_classifier(args.data_dir), load_images(args.samples),
-                                     common.npz_array(args.samples, "arr_1"),
+                                     files.npz_array(args.samples, "arr_1"),
                                      args.data_dir), args.json)
     # both checked before Inception loads
     images = [load_images(path) for path in (args.samples, args.ref)]
@@ -284,11 +286,11 @@ def report(results, json_path):
     for name, v in results.items():
         print(f"{name}: {v:.4f}" if isinstance(v, float) else f"{name}: {v}")
     if json_path:
-        common.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), json_path)
+        files.write_atomic(lambda f: f.write(json.dumps(results, indent=2).encode()), json_path)
 
 
 def get_parser():
-    p = common.ArgumentParser(description=__doc__)
+    p = flags.ArgumentParser(description=__doc__)
     p.add_argument("samples", help="images to score: .npz, arr_0 uint8 NHWC (and arr_1 "
                    "labels for fashion-mnist)")
     p.add_argument("ref", help="reference images, the same layout (ADM's reference batches "
@@ -298,7 +300,7 @@ def get_parser():
     p.add_argument("--inception", default=None,
                    help="weights file (default: download into the torch hub cache)")
     p.add_argument("--json", default=None, help="also write the metrics here")
-    p.add_argument("--batch-size", type=common.positive_int, default=50)
+    p.add_argument("--batch-size", type=flags.positive_int, default=50)
     p.add_argument("--device", default="auto")
     return p
 
@@ -306,7 +308,7 @@ def get_parser():
 def cli(argv=None):
     """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit
     status 1."""
-    common.run(main, get_parser().parse_args(argv))
+    flags.run(main, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@ ImageFolder is cropped as the releases' data was (ADM's centre crop, docs/algori
 token_cache.py encodes it, with mirrored copies.
 """
 import gzip
+import hashlib
 import math
 import os
+import socket
+import urllib.error
 
 import numpy as np
 import torch
 from PIL import Image
-
-from common import download
 
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MD5 = {  # checksums of the official files
@@ -25,6 +26,26 @@ FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sanda
                    "sneaker", "bag", "ankle boot")
 FASHION_NUM_CLASSES = len(FASHION_CLASSES)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def download(url, dest, md5):
+    """url -> dest, md5-checked, through torch.hub's downloader; a failure leaves nothing behind and
+    is one error."""
+    tmp = dest + ".part"
+    # torch.hub's downloader sets no timeout: a stalled server must fail, not hang
+    socket.setdefaulttimeout(60)
+    try:
+        torch.hub.download_url_to_file(url, tmp)
+        with open(tmp, "rb") as f:
+            digest = hashlib.md5(f.read()).hexdigest()
+        if digest != md5:
+            raise ValueError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}")
+        os.replace(tmp, dest)
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot download {os.path.basename(dest)} from {url} ({e.reason})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_idx(path):

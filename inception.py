@@ -1,9 +1,11 @@
 """The FID Inception-v3: TensorFlow's FID graph (the one ADM's evaluator and the published numbers
 use) in torch, with the module names and weights file of `pytorch-fid`
 (`pt_inception-2015-12-05-6726825d.pth`). uint8 pixels are resized to 299x299 by TensorFlow's legacy
-bilinear resize, then (x - 128) / 128; out come 2048-d pool features and 1008 logits without the fc
-bias (docs/algorithm.md §12). eval_fid.py computes the metrics with it.
+bilinear resize, then (x - 128) / 128; out come 2048-d pool features, 1008 logits without the fc
+bias and sFID's 2,023 spatial features, all in full float32 (docs/algorithm.md §12). eval_fid.py
+computes the metrics with them.
 """
+import contextlib
 import itertools
 import os
 
@@ -148,6 +150,28 @@ def resize_like_tensorflow(x, size):
     return x
 
 
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for CUDA matmuls and cuDNN convolutions, the previous settings restored afterwards.
+    cuDNN's convolutions default to TF32, which keeps 10 mantissa bits of their inputs: the
+    features would move by far more than float32 rounding."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def spatial_features(x):
+    """sFID's features from Mixed_6d's 1x1 branch (B, 192, 17, 17): ADM keeps its first 7 channels
+    and flattens each image in TensorFlow's NHWC order -> (B, 17 * 17 * 7 = 2023)."""
+    return x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+
+
+SPATIAL_CHANNELS = 7
+
+
 class FIDInception(nn.Module):
     def __init__(self):
         super().__init__()
@@ -171,17 +195,28 @@ class FIDInception(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, images):
-        """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008)."""
+        """images (B, 3, H, W) uint8 -> pool features (B, 2048), logits (B, 1008), spatial
+        features (B, 2023)."""
+        with full_float32():
+            return self.float32_forward(images)
+
+    def float32_forward(self, images):
         # the TF graph's Sub, Mul
         x = (resize_like_tensorflow(images.float(), (299, 299)) - 128) / 128
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        # ADM's sFID reads the graph's mixed_6/conv: the graph numbers its blocks mixed, mixed_1,
+        # ..., mixed_10 (Mixed_5b ... Mixed_7c), and its weights mixed_6/conv/conv2d_params are
+        # this 1x1 branch's (torch-fidelity's converter, convert_inception_weights.py)
+        spatial = spatial_features(self.Mixed_6d.branch1x1(x))
+        for name in ("6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         features = x.mean(dim=(2, 3))
         # logits without the bias, as the IS convention
-        return features, features @ self.fc.weight.t()
+        return features, features @ self.fc.weight.t(), spatial
 
 
 def load_inception(path=None, device="cpu"):

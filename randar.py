@@ -19,16 +19,12 @@ Sequence layout for an image of N tokens generated in order pi (one slot per col
     logits, loss = model(tokens, labels, order="random")   # training
 """
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
-import release
 
 
 @dataclass
@@ -54,13 +50,9 @@ class RandARConfig:
     cls_token_num: int = 1           # one class token (the only value the layout supports)
     block_size: int = 256            # N, image tokens per image; must be a square grid
 
-    # Keys the reference config carries that do not change what the network computes.
-    REFERENCE_ONLY = ("caption_dim", "model_type", "max_batch_size", "max_seq_len",
-                      "position_order", "num_inference_steps",
-                      "zero_class_qk", "grad_checkpointing")
-
     def __post_init__(self):
         kv = self.n_kv_head or self.n_head
+        # one ValueError naming the field, instead of a shape error deep in the network
         checks = [("n_layer", self.n_layer >= 1), ("n_head", self.n_head >= 1),
                   ("dim", self.dim >= 1 and self.dim % self.n_head == 0
                    and self.dim // self.n_head % 4 == 0),
@@ -76,15 +68,6 @@ class RandARConfig:
                                  f"(n_head={self.n_head}: head dim dim/n_head a multiple of 4, "
                                  "n_kv_head dividing n_head, block_size a square, counts "
                                  "positive, cls_token_num 1)")
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a checkpoint's config dict (ours or the reference's); unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - set(cls.REFERENCE_ONLY)
-        if unknown:
-            raise ValueError(f"unknown RandARConfig keys: {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def grid(self):
@@ -119,8 +102,7 @@ def rope_table_2d(grid, head_dim, base=10000.0, scale=1.0, ntk_boundary=0):
     Resolution extrapolation (docs/algorithm.md §8, NTK-style): scale < 1 interpolates the
     coordinates of all but the `ntk_boundary` highest frequencies of each half, which keep the raw
     coordinate (fine detail keeps its speed)."""
-    if ntk_boundary < 0:
-        raise ValueError(f"ntk_boundary must be >= 0, got {ntk_boundary}")
+    assert ntk_boundary >= 0, f"ntk_boundary must be >= 0, got {ntk_boundary}"
     freqs = base ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
     coord_scale = torch.full_like(freqs, scale)
     coord_scale[:ntk_boundary] = 1.0  # f_0 is the highest frequency
@@ -268,42 +250,15 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def as_index_tensor(value, name, device):
-    """Integer tensor on device; floats and booleans are refused instead of truncated."""
-    t = torch.as_tensor(value, device=device)
-    if t.numel() == 0:  # an empty list is a valid index list (torch reads [] as float)
-        return t.long()
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-    return t.long()
-
-
 def make_order(order, B, N, device, generator=None):
-    """'random' | 'raster' | a [B, N] permutation -> [B, N] on device (docs/algorithm.md §3)."""
-    if isinstance(order, str):
-        if order == "random":  # an independent permutation per sample, drawn on the device
-            return torch.rand(B, N, device=device, generator=generator).argsort(dim=1)
-        if order == "raster":
-            return torch.arange(N, device=device).expand(B, N)
-        raise ValueError(f"order must be 'random', 'raster' or a [B, N] permutation, got {order!r}")
-    order = as_index_tensor(order, "order", device)
-    if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values,
-                                                torch.arange(N, device=device).expand(B, N)):
-        raise ValueError(f"order must be a [B={B}, N={N}] tensor holding a permutation of "
-                         f"0..{N - 1} per row, got shape {tuple(order.shape)}")
-    return order
-
-
-def check_labels(labels, num_classes, device, allow_null=False):
-    """Class labels [B] as an index tensor on device, in [0, num_classes) (+ null if allow_null)."""
-    labels = as_index_tensor(labels, "labels", device)
-    top = num_classes + int(allow_null)
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= top):
-        bad = labels[(labels < 0) | (labels >= top)]
-        raise ValueError(f"labels must lie in [0, {top}), got {bad[:4].tolist()}")
-    return labels
+    """'random' | 'raster' | a [B, N] permutation (checked by check_order) -> [B, N] on device
+    (docs/algorithm.md §3)."""
+    if isinstance(order, torch.Tensor):
+        return order
+    if order == "raster":
+        return torch.arange(N, device=device).expand(B, N)
+    # an independent permutation per sample, drawn on the device
+    return torch.rand(B, N, device=device, generator=generator).argsort(dim=1)
 
 
 class RandAR(nn.Module):
@@ -378,12 +333,9 @@ class RandAR(nn.Module):
         class num_classes allowed: the unconditional model). Returns logits [B, N, V] in generation
         order (row k predicts t[order[k]]) and the mean cross-entropy over all N predictions, read
         at the PI slots 1, 3, ..."""
-        labels = check_labels(labels, self.config.num_classes, self.rope.device, allow_null=True)
-        B = labels.size(0)
-        N = self.config.block_size
-        if tokens.shape != (B, N):
-            raise ValueError(f"tokens must have shape [B={B}, N={N}], got {tuple(tokens.shape)}")
-        order = make_order("random" if order is None else order, B, N, self.rope.device)
+        labels, order = check_forward(self.config, tokens, labels, order, self.rope.device)
+        B, N = tokens.shape
+        order = make_order(order, B, N, self.rope.device)
         targets = tokens.gather(1, order)  # [B, N] tokens in generation order
         x, rope = self.with_class_token(labels, *self.pairs(order, targets, self.rope))  # [B, 1+2N]
         logits = self.head(self.transformer(x, rope)[:, 1::2])  # read at the PI slots -> [B, N, V]
@@ -445,9 +397,8 @@ class RandAR(nn.Module):
         PI(p) for every p again, read at that second pass (it has seen every token); 'causal': one
         raster pass read at E(t_p)."""
         B, N = tokens.shape
-        if kind not in ("bidirectional", "causal") or N != self.config.block_size:
-            raise ValueError("need kind 'bidirectional' or 'causal' and tokens [B, "
-                             f"{self.config.block_size}], got {kind!r} and {tuple(tokens.shape)}")
+        assert kind in ("bidirectional", "causal"), f"unknown kind of features {kind!r}"
+        assert N == self.config.block_size, f"tokens must be [B, {self.config.block_size}]"
         labels = torch.full((B,), self.config.num_classes, device=tokens.device)
         order = torch.arange(N, device=tokens.device).expand(B, N)
         x, rope = self.pairs(order, tokens, self.rope)
@@ -458,38 +409,52 @@ class RandAR(nn.Module):
         return h[:, 1 + 2 * N:] if kind == "bidirectional" else h[:, 2:1 + 2 * N:2]
 
 
-def load_model(path, config=None, preset=None):
-    """RandAR from train.py's checkpoint (config inside; its EMA weights when it kept them) or an
-    official .safetensors state dict (config from the YAML `config` or a preset name) -> (model in
-    eval mode, the checkpoint's other small entries). Strict load: the parameter names are the
-    reference's."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        if config is None and preset is None:
-            raise ValueError(f"{path} carries no config: pass its YAML "
-                             "(--config) or a preset (--preset)")
-        params = release.read_official_yaml(config) if config else {}
-        cfg = RandARConfig.from_dict(params) if config else PRESETS[preset]
-        # the release's number of decoding steps (sample.py's default --steps)
-        state = release.read_safetensors(path)
-        extras = {"num_inference_steps": params.get("num_inference_steps")}
-    else:
-        ckpt = common.load_torch_file(path, "RandAR checkpoint")
-        if not isinstance(ckpt.get("config"),
-                          dict) or "n_layer" not in ckpt["config"] or "model" not in ckpt:
-            is_tokenizer = "encoder.conv_in.weight" in ckpt.get("model", {})
-            what = "a tokenizer checkpoint" if is_tokenizer else "another file"
-            raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
-                             f"(or an official .safetensors)")
-        cfg = RandARConfig.from_dict(ckpt["config"])
-        state = ckpt.get("ema", ckpt["model"])
-        extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
-        extras["data"] = ckpt.get("args", {}).get("data")  # the training data, for figures
-    model = RandAR(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config "
-                         f"({str(e).splitlines()[1].strip()})") from None
-    return model.eval(), extras
+# ----------------------------------------------------------------------------------------------
+# Argument checks, one call per entry point: a bad value is one ValueError that names it, instead
+# of a shape error deep inside the math.
+
+def check_forward(cfg, tokens, labels, order, device):
+    """The training forward's tokens [B, N], labels (the null class allowed) and order (None:
+    random) -> labels and order as tensors."""
+    labels = check_labels(labels, cfg.num_classes, device, allow_null=True)
+    B = labels.size(0)
+    N = cfg.block_size
+    if tokens.shape != (B, N):
+        raise ValueError(f"tokens must have shape [B={B}, N={N}], got {tuple(tokens.shape)}")
+    return labels, check_order("random" if order is None else order, B, N, device)
+
+
+def as_index_tensor(value, name, device):
+    """Integer tensor on device; floats and booleans are refused instead of truncated."""
+    t = torch.as_tensor(value, device=device)
+    if t.numel() == 0:  # an empty list is a valid index list (torch reads [] as float)
+        return t.long()
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t.long()
+
+
+def check_order(order, B, N, device):
+    """'random', 'raster', or an index tensor [B, N] holding a permutation of 0..N-1 per row."""
+    if isinstance(order, str):
+        if order in ("random", "raster"):
+            return order
+        raise ValueError(f"order must be 'random', 'raster' or a [B, N] permutation, got {order!r}")
+    order = as_index_tensor(order, "order", device)
+    if order.shape != (B, N) or not torch.equal(order.sort(dim=1).values,
+                                                torch.arange(N, device=device).expand(B, N)):
+        raise ValueError(f"order must be a [B={B}, N={N}] tensor holding a permutation of "
+                         f"0..{N - 1} per row, got shape {tuple(order.shape)}")
+    return order
+
+
+def check_labels(labels, num_classes, device, allow_null=False):
+    """Class labels [B] as an index tensor on device, in [0, num_classes) (+ null if allow_null)."""
+    labels = as_index_tensor(labels, "labels", device)
+    top = num_classes + int(allow_null)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= top):
+        bad = labels[(labels < 0) | (labels >= top)]
+        raise ValueError(f"labels must lie in [0, {top}), got {bad[:4].tolist()}")
+    return labels

@@ -31,12 +31,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import common
+import distributed
+import fast
+import files
+import flags
 import image_data
+import image_grid
 import tokenizer as tok
-from generate import benchmark, generate
-from randar import PRESETS, RandAR, load_model, make_order
-from sampling import decode_images, generate_batched, sample_to_npz, sampling_kwargs
+from checkpoints import load_model
+from generate import generate
+from randar import PRESETS, RandAR, make_order
+from sample_ddp import decode_images, generate_batched, sample_to_npz, sampling_kwargs
 
 
 def load_run(args):
@@ -59,7 +64,7 @@ def load_run(args):
 
 
 def save_figure(image, path):
-    common.save_png(image, path)
+    files.save_png(image, path)
     print(f"wrote {path}")
 
 
@@ -83,7 +88,7 @@ def grid(model, vq, args):
         sample_to_npz(model, vq, labels, args)
         if args.rank != 0 or not args.out:
             return
-        images = torch.from_numpy(np.array(common.npz_array(args.out_npz, "arr_0")))
+        images = torch.from_numpy(np.array(files.npz_array(args.out_npz, "arr_0")))
         images = images.permute(0, 3, 1, 2)
     # a figure only: rank 0 makes it alone (the same images as any split into chunks)
     elif args.rank == 0:
@@ -91,7 +96,7 @@ def grid(model, vq, args):
     else:
         return
     names = image_data.class_names(args.data, classes)
-    figure = common.image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names)
+    figure = image_grid.image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names)
     save_figure(figure, args.out or default_out(args))
 
 
@@ -117,7 +122,7 @@ def compare(model, vq, args):
                                                   order=order, steps=steps)
         tokens.append(row_tokens)
         images.append(row_images)
-    figure = common.image_grid(torch.cat(images), nrow=len(labels), row_labels=names,
+    figure = image_grid.image_grid(torch.cat(images), nrow=len(labels), row_labels=names,
                                scale=args.scale)
     save_figure(figure, args.out or default_out(args))
     return names, tokens
@@ -138,10 +143,11 @@ def animate(model, vq, args):
         # drawn here: every frame knows which positions are filled
         order = make_order(kind, 1, N, args.device, g)
         counts = []
+        decode = fast.generate_compiled if args.compile else generate
         with args.ctx:
-            tokens = generate(model, label, generator=g,
-                              callback=lambda step, logits, new: counts.append(new.size(1)),
-                              **sampling_kwargs(args, order=order, steps=steps))
+            tokens = decode(model, label, generator=g,
+                            callback=lambda step, logits, new: counts.append(new.size(1)),
+                            **sampling_kwargs(args, order=order, steps=steps))
         movie = []
         filled = torch.zeros(N, dtype=torch.bool, device=args.device)
         for done in itertools.accumulate(counts):
@@ -160,11 +166,11 @@ def write_gif(movies, path, scale):
     """The movies side by side, one frame per step of the longest; a finished movie holds its last
     frame."""
     names, movies = zip(*movies)
-    frames = [common.image_grid(torch.stack([m[min(t, len(m) - 1)] for m in movies]),
+    frames = [image_grid.image_grid(torch.stack([m[min(t, len(m) - 1)] for m in movies]),
                                 nrow=len(movies), scale=scale,
                                 col_labels=names) for t in range(max(map(len, movies)))]
     durations = [150] * (len(frames) - 1) + [1500]  # hold the finished images a moment
-    common.write_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True,
+    files.write_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True,
                                                  append_images=frames[1:],
                                                  duration=durations, loop=0), path)
     print(f"wrote {path} ({len(frames)} frames)")
@@ -245,7 +251,7 @@ def edit(model, vq, args):
     # outpaint shifts the input
     kept = "kept" if args.command == "inpaint" else f"kept, moved {args.extend} px"
     names = ["original", "mask", kept] + [f"result {i + 1}" for i in range(n)]
-    figure = common.image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=names)
+    figure = image_grid.image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=names)
     save_figure(figure, args.out or default_out(args))
     return tokens, known
 
@@ -270,7 +276,7 @@ def extrapolate(model, vq, args):
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     # base, extrapolated, base, extrapolated, ...
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)
-    save_figure(common.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
+    save_figure(image_grid.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
                                   col_labels=["base", "extrapolated"] * args.per_class),
                 args.out or default_out(args))
     return base, big_tokens
@@ -284,7 +290,7 @@ def setup(args):
     work)."""
     if "RANK" in os.environ and args.command != "grid":
         raise ValueError(f"only `sample.py grid` runs under torchrun, not {args.command!r}")
-    args.rank, args.world, args.device = common.setup_distributed(args.device)
+    args.rank, args.world, args.device = distributed.setup_distributed(args.device)
     if args.device.type == "cuda":
         args.ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     else:
@@ -295,7 +301,7 @@ def main(args):
     # before any work, not after
     for out in (getattr(args, "out", None), getattr(args, "out_npz", None)):
         if out:
-            common.check_output(out)
+            files.check_output(out)
     setup(args)
     torch.manual_seed(args.seed)
     try:
@@ -309,9 +315,9 @@ def main(args):
                 model = load_model(args.ckpt, args.config, args.preset)[0]
             print(f"{model.config.dim}-wide, {model.config.n_layer} layers, device "
                   f"{args.device}, CFG {args.cfg}")
-            print("\n".join(benchmark(model.to(args.device).eval(), args.sizes,
-                                      (1, args.bench_batch), args.cfg, args.compile,
-                                      args.repeats, args.ctx)))
+            print("\n".join(fast.benchmark(model.to(args.device).eval(), args.sizes,
+                                           (1, args.bench_batch), args.cfg, args.compile,
+                                           args.repeats, args.ctx)))
             return
         model, vq = load_run(args)
         if getattr(args, "steps", None) is not None and args.steps > model.config.block_size:
@@ -350,13 +356,13 @@ COMMANDS = ("grid", "compare", "animate", "inpaint", "outpaint", "extrapolate", 
 
 def get_parser():
     """One subcommand per figure or job; each takes the flags of the groups it belongs to."""
-    p = common.ArgumentParser(description=__doc__)
+    p = flags.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    flags = {name: sub.add_parser(name) for name in COMMANDS}
+    parsers = {name: sub.add_parser(name) for name in COMMANDS}
 
     def add(names, *flag, **kw):
         for name in names.split():
-            flags[name].add_argument(*flag, **kw)
+            parsers[name].add_argument(*flag, **kw)
     add_model_flags(add)
     add_image_flags(add)
     add_editing_flags(add)
@@ -375,11 +381,11 @@ def add_model_flags(add):
     add(every, "--seed", type=int, default=0)
     add(every, "--compile", action="store_true",
         help="torch.compile the decode step (bench: add compiled rows)")
-    add(every, "--cfg", type=number_pair, default=common.DEFAULT_CFG,
+    add(every, "--cfg", type=number_pair, default=flags.DEFAULT_CFG,
         help="START,END of the linear CFG schedule")
-    add("bench", "--bench-batch", type=common.positive_int, default=32,
+    add("bench", "--bench-batch", type=flags.positive_int, default=32,
         help="the batch measured beside batch 1")
-    add("bench", "--repeats", type=common.positive_int, default=3)
+    add("bench", "--repeats", type=flags.positive_int, default=3)
     add("bench", "--sizes", type=square_list, default=[64, 256],
         help="tokens N per image (squares; any grid size)")
 
@@ -390,19 +396,19 @@ def add_image_flags(add):
     add(images, "--vq-ckpt", default=None, help="tokenizer: train.py's, vq_ds16_c2i.pt or "
         "MaskGIT's .bin (default: tokenizer.pt beside --ckpt)")
     add(images, "--out", default=None, help="figure to write (default: beside the checkpoint)")
-    add(images, "--scale", type=common.positive_int, default=4,
+    add(images, "--scale", type=flags.positive_int, default=4,
         help="pixel upscaling of figures (nearest)")
-    add(images, "--temperature", type=common.non_negative_number, default=1.0)
-    add(images, "--top-k", type=common.non_negative_int, default=0)
-    add(images, "--top-p", type=common.in_range(float, 0, 1, open_low=True), default=1.0)
-    add(images, "--batch-size", type=common.positive_int, default=100,
+    add(images, "--temperature", type=flags.non_negative_number, default=1.0)
+    add(images, "--top-k", type=flags.non_negative_int, default=0)
+    add(images, "--top-p", type=flags.in_range(float, 0, 1, open_low=True), default=1.0)
+    add(images, "--batch-size", type=flags.positive_int, default=100,
         help="images per generate() call")
     add("grid inpaint outpaint extrapolate", "--order", default="random",
         choices=["random", "raster"])
-    add("grid inpaint outpaint extrapolate", "--steps", type=common.positive_int, default=None,
+    add("grid inpaint outpaint extrapolate", "--steps", type=flags.positive_int, default=None,
         help="decoding steps, fewer than N: parallel (default: N, or a release "
         "YAML's num_inference_steps)")
-    add("grid extrapolate", "--per-class", type=common.positive_int, default=8,
+    add("grid extrapolate", "--per-class", type=flags.positive_int, default=8,
         help="images per class")
     add("grid compare extrapolate", "--classes", type=class_list, default=None,
         help="comma list (default: all)")
@@ -415,21 +421,21 @@ def add_editing_flags(add):
     add("inpaint outpaint", "image", help="input image at the model's resolution")
     add("inpaint outpaint", "--edit-class", type=int, required=True,
         help="class the new region is generated as")
-    add("inpaint outpaint", "--results", type=common.positive_int, default=6,
+    add("inpaint outpaint", "--results", type=flags.positive_int, default=6,
         help="edited images to generate")
     add("inpaint", "--mask", required=True,
         help="mask image (white = regenerate) or box x0,y0,x1,y1")
     add("outpaint", "--sides", default=["right"], type=side_list,
         help="comma list of left,right,top,bottom")
-    add("outpaint", "--extend", type=common.positive_int, default=8,
+    add("outpaint", "--extend", type=flags.positive_int, default=8,
         help="pixels to generate on each new side")
-    add("extrapolate", "--factor", type=common.in_range(int, 2), default=2,
+    add("extrapolate", "--factor", type=flags.in_range(int, 2), default=2,
         help="times the training grid")
-    add("extrapolate", "--extrapolate-steps", type=common.positive_int, default=None,
+    add("extrapolate", "--extrapolate-steps", type=flags.positive_int, default=None,
         help="steps for the new tokens")
     add("extrapolate", "--spatial-cfg", type=number_pair, default=(1.0, 2.0),
         help="START,END of spatial CFG")
-    add("extrapolate", "--ntk-boundary", type=common.non_negative_int, default=None, help="highest "
+    add("extrapolate", "--ntk-boundary", type=flags.non_negative_int, default=None, help="highest "
         "RoPE frequencies that keep raw coordinates (default: generate.default_ntk_boundary)")
 
 
@@ -448,7 +454,7 @@ def parse(argv=None):
 def cli(argv=None):
     """The command line (argv: sys.argv[1:] when None); every expected failure is one line and exit
     status 1."""
-    common.run(main, parse(argv))
+    flags.run(main, parse(argv))
 
 
 if __name__ == "__main__":

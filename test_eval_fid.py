@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import eval_fid
+import flags
 import image_data
 import inception
 from conftest import (
@@ -190,11 +190,11 @@ def test_eval_fid_output_paths_are_checked_before_the_work(tmp_path, monkeypatch
     argv = [str(tmp_path / "images.npz")] * 2 + ["--json"]
     monkeypatch.setattr(inception, "load_inception", lambda *a: pytest.fail("the work started"))
     with pytest.raises(SystemExit) as stop:
-        common.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(tmp_path)]))
+        flags.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(tmp_path)]))
     assert f"output {tmp_path} is a directory" in str(stop.value)
     monkeypatch.setattr(inception, "load_inception", lambda *a: inception.FIDInception().eval())
     out = tmp_path / "new" / "deeper" / "fid.json"
-    common.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(out)]))
+    flags.run(eval_fid.main, eval_fid.get_parser().parse_args(argv + [str(out)]))
     assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
 
 

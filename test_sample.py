@@ -10,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import distributed
 import eval_fid
+import files
+import flags
 import image_data
+import image_grid
 import sample
-import sampling
+import sample_ddp
 from conftest import FIXTURES, HERE, cli, loaded, run
 from generate import generate
 
@@ -46,7 +49,7 @@ def test_sampling_killed_during_assembly_resumes_to_the_same_bytes(tiny_run, tmp
     another job is refused."""
     argv = ["grid", "--ckpt", os.path.join(tiny_run, "last.pt"), "--classes", "1,3", "--per-class",
             "5", "--batch-size", "2", "--steps", "5", "--seed", "2"]
-    common.run(sample.main, sample.parse(argv + ["--out-npz", str(tmp_path / "straight.npz")]))
+    flags.run(sample.main, sample.parse(argv + ["--out-npz", str(tmp_path / "straight.npz")]))
     out = tmp_path / "resumed.npz"
     parts = tmp_path / "resumed.npz.parts"
     os.makedirs(parts)
@@ -66,16 +69,17 @@ def test_sampling_killed_during_assembly_resumes_to_the_same_bytes(tiny_run, tmp
         [f"chunk_0000{c}.npz" for c in (0, 1, 3, 4)]
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the killed assembly's temporary npz
     with pytest.raises(SystemExit) as stop:  # other settings: refused, nothing touched
-        common.run(sample.main, sample.parse(argv + ["--out-npz", str(out), "--cfg", "1,3"]))
+        flags.run(sample.main, sample.parse(argv + ["--out-npz", str(out), "--cfg", "1,3"]))
     assert "made with --cfg = [1.0, 4.0], not [1.0, 3.0]" in str(stop.value), stop.value
-    holder = common.FolderLock(str(parts), "parts folder")  # another job at work on the same parts
+    # another job at work on the same parts
+    holder = distributed.FolderLock(str(parts), "parts folder")
     with pytest.raises(SystemExit) as stop:
-        common.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
+        flags.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
     # 4 chunks, settings, lock
     assert "is in use by pid" in str(stop.value) and len(os.listdir(parts)) == 6, stop.value
     holder.release()
     capsys.readouterr()
-    common.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
+    flags.run(sample.main, sample.parse(argv + ["--out-npz", str(out)]))
     assert "4 of 5 chunks already on disk, 1 to make" in capsys.readouterr().out
     assert out.read_bytes() == (tmp_path / "straight.npz").read_bytes()
     assert not parts.exists() and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
@@ -89,12 +93,12 @@ def test_assembly_holds_one_chunk_at_a_time(tmp_path):
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 255, (100, 32, 32, 3), dtype=np.uint8) for _ in range(40)]
     for c, images in enumerate(chunks):
-        common.save_atomic_npz(sampling.chunk_path(str(tmp_path), c), images=images)
+        files.save_atomic_npz(sample_ddp.chunk_path(str(tmp_path), c), images=images)
     labels = torch.arange(4000) % 10
     whole = np.concatenate(chunks)
     del chunks
     tracemalloc.start()
-    sampling.assemble(str(tmp_path), 40, labels, str(tmp_path / "all.npz"))
+    sample_ddp.assemble(str(tmp_path), 40, labels, str(tmp_path / "all.npz"))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < whole.nbytes / 10, peak
@@ -104,7 +108,7 @@ def test_assembly_holds_one_chunk_at_a_time(tmp_path):
 
 def test_npz_images_are_read_memory_mapped_and_unchanged(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (7, 9, 8, 3), dtype=np.uint8)
-    common.save_atomic_npz(tmp_path / "ours.npz", arr_0=images)
+    files.save_atomic_npz(tmp_path / "ours.npz", arr_0=images)
     np.savez(tmp_path / "numpy.npz", arr_0=images)
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
     for name, mapped in (("ours", True), ("numpy", True), ("compressed", False)):
@@ -185,7 +189,7 @@ def test_bench_measures_every_size_batch_and_decoding(capsys):
     """Random weights of a preset; the model's own N = 16 and N = 64 on an extrapolation grid; one
     row per (size, batch, decoding) with the paper's 88-of-256 step ratio (timings: the command's
     business, not a test's)."""
-    common.run(sample.main,
+    flags.run(sample.main,
                sample.parse(["bench", "--preset", "tiny", "--sizes", "16,64", "--bench-batch", "2",
                              "--repeats", "1", "--device", "cpu"]))
     out = capsys.readouterr().out
@@ -258,7 +262,7 @@ def test_a_release_yaml_sets_the_default_number_of_steps(tiny_run, tmp_path, mon
         out = generate(*args, **kwargs, callback=lambda step, logits, new: calls.append(step))
         steps_run.append(len(calls))
         return out
-    monkeypatch.setattr(sampling, "generate", counting_generate)
+    monkeypatch.setattr(sample_ddp, "generate", counting_generate)
     for extra, steps in (([], 6), (["--steps", 5], 5)):
         steps_run.clear()
         args, model, vq = loaded("grid", *official, "--classes", "0,1", "--per-class", 1, *extra,
@@ -275,7 +279,7 @@ def test_sample_grids_name_their_rows(tmp_path):
     assert image_data.class_names(str(tmp_path), [1, 0]) == ["dog", "cat"]
     assert image_data.class_names(None, [3, 250]) == ["class 3", "class 250"]
     names = [f"class {c}" for c in (0, 1)]
-    grid = common.image_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8) + 255, nrow=2,
+    grid = image_grid.image_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8) + 255, nrow=2,
                              row_labels=names)
     assert grid.size == (6 * 7 + 8 + 2 * 10, 2 * 10)
     assert np.asarray(grid)[:, :50].min() < 100  # the names are drawn (antialiased)

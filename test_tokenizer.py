@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import image_data
 import inception
 import tokenizer as tok
@@ -140,11 +139,11 @@ def test_download_checks_md5_and_removes_partial_file(tmp_path):
     server, url = serve(tmp_path, {"t10k-labels-idx1-ubyte.gz": real})
     try:
         dest = str(tmp_path / "labels.gz")
-        common.download(url + "t10k-labels-idx1-ubyte.gz", dest, hashlib.md5(real).hexdigest())
+        image_data.download(url + "t10k-labels-idx1-ubyte.gz", dest, hashlib.md5(real).hexdigest())
         assert open(dest, "rb").read() == real
         bad = str(tmp_path / "bad.gz")
         with pytest.raises(ValueError, match="checksum mismatch"):
-            common.download(url + "t10k-labels-idx1-ubyte.gz", bad, "0" * 32)
+            image_data.download(url + "t10k-labels-idx1-ubyte.gz", bad, "0" * 32)
         assert os.listdir(tmp_path) == ["labels.gz"]  # nothing half-written left behind
     finally:
         server.shutdown()
@@ -264,9 +263,9 @@ def test_repeating_a_loader_that_gives_no_batch_is_an_error_not_a_spin():
     dataset = torch.utils.data.TensorDataset(torch.zeros(3))
     empty = torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="a whole epoch gave no batch"):
-        next(common.repeat_epochs(empty, "data"))
+        next(tok.repeat_epochs(empty, "data"))
     two_per_epoch = torch.utils.data.DataLoader(dataset, batch_size=1, drop_last=True)
-    assert len(list(itertools.islice(common.repeat_epochs(two_per_epoch, "data"), 7))) == 7
+    assert len(list(itertools.islice(tok.repeat_epochs(two_per_epoch, "data"), 7))) == 7
 
 
 def test_a_text_file_named_png_is_refused_with_its_name(tmp_path):

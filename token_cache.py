@@ -12,7 +12,9 @@ import os
 import torch
 from tqdm import tqdm
 
-import common
+import checkpoints
+import distributed
+import files
 import image_data
 import tokenizer as tok
 
@@ -51,24 +53,24 @@ def prepare_tokens(args, rank, world, device):
         tok.train_tokenizer(args.out_dir, steps=args.tokenizer_steps,
                             batch_size=args.tokenizer_batch_size, seed=args.seed, device=device,
                             workers=args.workers, **data)
-    common.barrier()
+    distributed.barrier()
     caches = {}
     for split in ("train", "test"):
         path = os.path.join(args.out_dir, f"tokens_{split}.pt")
         if not os.path.exists(path):
             encode_split(ckpt, split, path, rank=rank, world=world, device=device,
                          workers=args.workers, **data)
-            common.barrier()
+            distributed.barrier()
             if rank == 0 and world > 1:
                 join_parts(path, world)
-            common.barrier()
+            distributed.barrier()
         caches[split] = load_cache(path, ckpt, split, data)
     return ckpt, caches
 
 
 def load_cache(path, ckpt, split, data):
     """A token file, refused if made from other inputs (it would silently train on wrong tokens)."""
-    cache = common.load_torch_file(path, "token file")
+    cache = checkpoints.load_torch_file(path, "token file")
     wanted = encode_source(ckpt, data["data"], split, data["image_size"], data["limit"])
     if cache.get("source") != wanted:
         raise ValueError(f"{path} was encoded from {cache.get('source')}, not {wanted}; "
@@ -106,7 +108,7 @@ def flip_pairs(data, split):
 def encode_source(ckpt, data, split, image_size, limit):
     """What a token file was made from; train.py refuses a cache made from something else."""
     source = {"data": data, "split": split, "image_size": image_size, "limit": limit,
-              "tokenizer": common.file_fingerprint(ckpt)}
+              "tokenizer": files.file_fingerprint(ckpt)}
     if data != "fashion-mnist":  # how the images were read (caches from before these are refused)
         source.update(crop="adm", flip_pairs=flip_pairs(data, split))
     return source
@@ -131,15 +133,15 @@ def encode_split(ckpt, split, out, data="fashion-mnist", data_dir=None, image_si
              "source": encode_source(ckpt, data, split, image_size, limit)}
     if mirrored is not None:
         cache["tokens_flipped"] = mirrored
-    common.save_atomic(cache, out if world == 1 else f"{out}.part{rank}of{world}")
+    files.save_atomic(cache, out if world == 1 else f"{out}.part{rank}of{world}")
 
 
 def join_parts(out, world):
     """Rank 0, after every rank's encode_split: the part files -> one token file, in rank order."""
     names = [f"{out}.part{r}of{world}" for r in range(world)]
-    parts = [common.load_torch_file(n, "token part file") for n in names]
+    parts = [checkpoints.load_torch_file(n, "token part file") for n in names]
     tensors = [k for k in ("tokens", "tokens_flipped", "labels") if k in parts[0]]
-    common.save_atomic({**parts[0], **{k: torch.cat([p[k] for p in parts]) for k in tensors}}, out)
+    files.save_atomic({**parts[0], **{k: torch.cat([p[k] for p in parts]) for k in tensors}}, out)
     for n in names:
         os.remove(n)
 

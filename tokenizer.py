@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import image_grid, load_torch_file, repeat_epochs, save_atomic, save_png
+from checkpoints import load_torch_file
+from files import save_atomic, save_png
 from image_data import limited, open_dataset
+from image_grid import image_grid
 from maskgit_vq import MaskGITConfig, MaskGITVQ
 
 
@@ -374,6 +376,20 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
 
 
 @torch.no_grad()
+def repeat_epochs(loader, what):
+    """The batches of loader, epoch after epoch, for a loop that stops after a number of steps. An
+    epoch that yields no batch (a dataset smaller than one batch, with drop_last) is an error, not
+    an endless loop."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"{what}: a whole epoch gave no batch ({len(loader.dataset)} items, "
+                             f"batch size {loader.batch_size}, incomplete batches dropped)")
+
+
 def reinit_dead_codes(model, code_hits, x):
     """Codes unused since the last call get the latents of random recent inputs, so usage stays
     high."""

@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402 (the project's scripts, from the folder above)
+import checkpoints  # noqa: E402
 import eval_fid  # noqa: E402
 import image_data  # noqa: E402
 import tokenizer as tok  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from generate import generate  # noqa: E402
-from randar import load_model  # noqa: E402
 
 STEPS = (8, 16, 22, 64)
 SEEDS = (0, 1)
@@ -154,7 +154,7 @@ def probe(args):
     bag of codebook indices, for the token files train.py wrote beside the checkpoint."""
     model = load_model(os.path.join(ROOT, args.ckpt))[0]
     folder = os.path.dirname(os.path.join(ROOT, args.ckpt))
-    splits = {s: common.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file")
+    splits = {s: checkpoints.load_torch_file(os.path.join(folder, f"tokens_{s}.pt"), "token file")
               for s in ("train", "test")}
     data = {s: (d["tokens"][:args.images].long(), d["labels"][:args.images])
             for s, d in splits.items()}

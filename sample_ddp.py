@@ -1,6 +1,10 @@
-"""Images from a model in seeded chunks, and the FID protocol's resumable .npz (`sample.py grid
---out-npz`). Chunk c of --batch-size images draws from a generator seeded by (--seed, c), so the
-images depend neither on the number of processes nor on interruptions.
+"""The FID protocol's images: `sample.py grid --out-npz`, sharded over the ranks, resumable, and
+written as the ADM evaluator's .npz. Images come in chunks of --batch-size, and chunk c draws from a
+generator seeded by (--seed, c), so the images depend neither on the number of processes nor on
+interruptions.
+
+    torchrun --nproc_per_node=8 sample.py grid --ckpt <run>/last.pt --per-class 50 \
+        --out-npz samples.npz
 """
 import hashlib
 import json
@@ -13,8 +17,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
-import image_data
+import distributed
+import fast
+import files
 from generate import generate
 
 
@@ -25,7 +30,7 @@ def decode_images(vq, tokens, grid):
 def sampling_kwargs(args, **overrides):
     kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None),
               cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, compile=args.compile)
+              top_p=args.top_p)
     return {**kw, **overrides}
 
 
@@ -33,6 +38,7 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", first
     """Tokens and images for every label in chunks of --batch-size. Chunk c draws from its own
     generator seeded (--seed, c): the images do not depend on how chunks are spread over processes.
     desc None: no progress bar."""
+    decode = fast.generate_compiled if args.compile else generate
     tokens = []
     for i in tqdm(range(0, len(labels), args.batch_size), desc=desc,
                   disable=args.rank != 0 or desc is None):
@@ -41,8 +47,8 @@ def generate_batched(model, vq, labels, args, known=None, desc="sampling", first
         g = torch.Generator(args.device).manual_seed(batch_seed)
         known_here = None if known is None else (known[0][sl], known[1][sl])
         with args.ctx:
-            tokens.append(generate(model, labels[sl], known=known_here, generator=g,
-                                   **sampling_kwargs(args, **kw)))
+            tokens.append(decode(model, labels[sl], known=known_here, generator=g,
+                                 **sampling_kwargs(args, **kw)))
     tokens = torch.cat(tokens)
     return tokens, decode_images(vq, tokens, kw.get("grid") or model.config.grid)
 
@@ -62,16 +68,16 @@ def sample_to_npz(model, vq, labels, args):
 
     # rank 0: one job per parts folder, the same settings as the chunks on disk, what is left
     def start():
-        lock.append(common.FolderLock(parts, "parts folder"))
+        lock.append(distributed.FolderLock(parts, "parts folder"))
         # temporaries of a killed run: chunks, and the npz being assembled
         for name in os.listdir(parts):
             if ".tmp" in name:
                 os.remove(os.path.join(parts, name))
-        common.remove_stale_temps(args.out_npz)
+        files.remove_stale_temps(args.out_npz)
         check_settings(parts, model, labels, args)
         return [c for c in range(n_chunks) if not os.path.exists(chunk_path(parts, c))]
     try:
-        todo = common.rank0_decides(start, args.rank)
+        todo = distributed.rank0_decides(start, args.rank)
         if args.rank == 0 and len(todo) < n_chunks:
             print(f"{parts}: {n_chunks - len(todo)} of {n_chunks} chunks already on "
                   f"disk, {len(todo)} to make")
@@ -80,7 +86,7 @@ def sample_to_npz(model, vq, labels, args):
         for c in todo[args.rank::args.world]:  # the missing chunks, shared round-robin by the ranks
             chunk = labels[c * args.batch_size:(c + 1) * args.batch_size].to(args.device)
             images = generate_batched(model, vq, chunk, args, first_chunk=c, desc=None)[1]
-            common.save_atomic_npz(chunk_path(parts, c), images=images.permute(0, 2, 3, 1).numpy())
+            files.save_atomic_npz(chunk_path(parts, c), images=images.permute(0, 2, 3, 1).numpy())
             bar.update(min(args.world, n_chunks - bar.n))  # the other ranks make theirs alongside
         bar.close()
         if args.world > 1:
@@ -99,9 +105,9 @@ def check_settings(parts, model, labels, args):
     written beside the first chunks, and compared on every rerun."""
     labels_hash = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
     settings = {
-        "--ckpt contents": common.file_fingerprint(args.ckpt),
+        "--ckpt contents": files.file_fingerprint(args.ckpt),
         "model config": asdict(model.config),
-        "--vq-ckpt contents": common.file_fingerprint(args.vq_path),
+        "--vq-ckpt contents": files.file_fingerprint(args.vq_path),
         "device type": args.device.type,
         "--cfg": args.cfg,
         "--steps": args.steps,
@@ -116,7 +122,7 @@ def check_settings(parts, model, labels, args):
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     path = os.path.join(parts, "settings.json")
     if not os.path.exists(path):
-        return common.write_atomic(lambda f: f.write(json.dumps(settings, indent=1).encode()), path)
+        return files.write_atomic(lambda f: f.write(json.dumps(settings, indent=1).encode()), path)
     try:
         with open(path) as f:
             recorded = json.load(f)
@@ -135,32 +141,9 @@ def assemble(parts, n_chunks, labels, out):
     if missing:
         raise ValueError(f"{parts}: chunk {missing[0]} is missing ({len(missing)} "
                          "in all); rerun the command")
-    shape = (len(labels), *common.npz_array(chunk_path(parts, 0), "images").shape[1:])
-    pieces = (common.npz_array(chunk_path(parts, c), "images") for c in range(n_chunks))
-    common.write_atomic(lambda f: common.write_npz(f,
+    shape = (len(labels), *files.npz_array(chunk_path(parts, 0), "images").shape[1:])
+    pieces = (files.npz_array(chunk_path(parts, c), "images") for c in range(n_chunks))
+    files.write_atomic(lambda f: files.write_npz(f,
                                                    {"arr_0": (np.uint8, shape, pieces),
                                                     "arr_1": (np.int64, labels.shape,
                                                               [labels.numpy()])}), out)
-
-
-@torch.no_grad()
-def sample_grid(model, vq, path, args, device, ctx):
-    """One row per class for at most 10 classes spread over the label range (ImageNet: 10 of 1000),
-    args.samples_per_class images each, generated in batches of args.batch_size: bounded memory."""
-    model.eval()
-    num_classes = model.config.num_classes
-    classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long()
-    labels = classes.repeat_interleave(args.samples_per_class).to(device)
-    g = torch.Generator(device).manual_seed(args.seed)
-    tokens = []
-    for i in range(0, len(labels), args.batch_size):
-        with ctx:
-            tokens.append(generate(model, labels[i:i + args.batch_size], order=args.order,
-                                   cfg_scale=(common.DEFAULT_CFG[0], args.cfg), generator=g))
-    model.free_caches()
-    grid = model.config.grid
-    images = vq.decode_images(torch.cat(tokens).view(-1, grid, grid)).cpu()
-    names = image_data.class_names(args.data, classes.tolist())
-    figure = common.image_grid(images, nrow=args.samples_per_class, scale=2, row_labels=names)
-    common.save_png(figure, path)
-    model.train()

@@ -1,16 +1,106 @@
-"""The reference's release files, read without extra dependencies: the weights (.safetensors), the
-model config in a release's YAML (`ar_model.params`), and its training recipe as train.py flags.
-The YAMLs are those of configs/randar/ in the reference code (docs/algorithm.md §12).
+"""Checkpoints: train.py's own (a plain dict read with weights_only), and the reference's release
+files, read without extra dependencies: the weights (.safetensors), the model config in a release's
+YAML (`ar_model.params`) and its training recipe as train.py flags. The YAMLs are those of
+configs/randar/ in the reference code (docs/algorithm.md §12).
+
+    model, extras = load_model("runs/demo/last.pt")
 """
 import json
 import math
+import os
+import pickle
+from dataclasses import fields
 
 import torch
 
+from randar import PRESETS, RandAR, RandARConfig
+
+
+def load_torch_file(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            reason = "refused: it contains code or objects"
+        else:
+            reason = "not a checkpoint"
+        raise ValueError(f"{path} is not a {what} ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+        raise ValueError(f"{path} is not a {what} "
+                         f"(truncated or not a torch file: {reason})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a {what} (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+# Keys the reference's model config carries that do not change what the network computes.
+REFERENCE_ONLY = ("caption_dim", "model_type", "max_batch_size", "max_seq_len", "position_order",
+                  "num_inference_steps", "zero_class_qk", "grad_checkpointing")
+
+
+def randar_config(params):
+    """A RandARConfig from a checkpoint's config dict (ours or the reference's); an unknown key is
+    an error."""
+    names = {f.name for f in fields(RandARConfig)}
+    unknown = set(params) - names - set(REFERENCE_ONLY)
+    if unknown:
+        raise ValueError(f"unknown RandARConfig keys: {sorted(unknown)}")
+    return RandARConfig(**{k: v for k, v in params.items() if k in names})
+
+
+def load_model(path, config=None, preset=None):
+    """RandAR from train.py's checkpoint (config inside; its EMA weights when it kept them) or an
+    official .safetensors state dict (config from the YAML `config` or a preset name) -> (model in
+    eval mode, the checkpoint's other small entries). The load is strict: the parameter names are
+    the reference's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        cfg, state, extras = read_release(path, config, preset)
+    else:
+        cfg, state, extras = read_ours(path)
+    model = RandAR(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the config "
+                         f"({str(e).splitlines()[1].strip()})") from None
+    return model.eval(), extras
+
+
+def read_ours(path):
+    """train.py's checkpoint -> (config, the EMA weights if it kept them, else the model's, its
+    small entries)."""
+    ckpt = load_torch_file(path, "RandAR checkpoint")
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or "n_layer" not in config or "model" not in ckpt:
+        is_tokenizer = "encoder.conv_in.weight" in ckpt.get("model", {})
+        what = "a tokenizer checkpoint" if is_tokenizer else "another file"
+        raise ValueError(f"{path} is {what}, expected a RandAR checkpoint written by train.py "
+                         f"(or an official .safetensors)")
+    extras = {k: v for k, v in ckpt.items() if isinstance(v, (str, int, float))}
+    extras["data"] = ckpt.get("args", {}).get("data")  # the training data, for figures
+    return randar_config(config), ckpt.get("ema", ckpt["model"]), extras
+
+
+def read_release(path, config, preset):
+    """An official .safetensors and its YAML (or a preset name) -> (config, weights, the release's
+    number of decoding steps, which is sample.py's default --steps)."""
+    if config is None and preset is None:
+        raise ValueError(f"{path} carries no config: pass its YAML (--config) or a preset "
+                         "(--preset)")
+    params = read_official_yaml(config) if config else {}
+    cfg = randar_config(params) if config else PRESETS[preset]
+    extras = {"num_inference_steps": params.get("num_inference_steps")}
+    return cfg, read_safetensors(path), extras
+
+
 # ----------------------------------------------------------------------------------------------
-# Released checkpoints: the official `.safetensors` state dict + its YAML config, read without extra
-# dependencies (safetensors: 8-byte little-endian header length, JSON header, raw little-endian
-# data).
+# The released weights: safetensors is an 8-byte little-endian header length, a JSON header, then
+# raw little-endian data.
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -119,6 +209,7 @@ RELEASE_FLAGS = {
     "max_iters": "--steps",
     "global_batch_size": "--global-batch-size",
     "accelerator.gradient_accumulation_steps": "--grad-accum",
+    "ar_model.params.position_order": "--order",
 }
 # what train.py always does, so a YAML asking for something else is refused
 RELEASE_FIXED = {
@@ -126,6 +217,8 @@ RELEASE_FIXED = {
     "optimizer.beta2": 0.95,
     "lr_scheduler.type": "cosine",
     "lr_scheduler.num_cycles": 0.5,
+    # bf16 autocast on GPUs (train.py trains in float32 on the CPU, where bf16 is slow)
+    "accelerator.mixed_precision": "bf16",
 }
 
 
@@ -139,15 +232,18 @@ def yaml_value(tree, dotted_key):
 
 def release_flags(path):
     """{flag: value or None} that a release YAML's training settings stand for. Its scheduler warms
-    up from 0; no EMA unless the YAML asks for one (the releases say `ema: False`)."""
+    up from 0. There is no EMA unless the YAML asks for one with its decay (the releases say
+    `ema: False`)."""
     tree = read_yaml(path)
     for key, value in RELEASE_FIXED.items():
         found = yaml_value(tree, key)
         if found is not None and found != value:
             raise ValueError(f"{path}: {key} is {found!r}; train.py implements {value!r} only")
-    flags = {"--warmup-from-zero": None}
-    if not tree.get("ema"):
-        flags["--ema"] = "0"
+    flags = {"--warmup-from-zero": None, "--ema": "0"}
+    if tree.get("ema"):
+        if tree.get("ema_decay") is None:
+            raise ValueError(f"{path}: ema is on but ema_decay is missing; give its decay")
+        flags["--ema"] = str(tree["ema_decay"])
     for key, flag in RELEASE_FLAGS.items():
         value = yaml_value(tree, key)
         if value is not None:
