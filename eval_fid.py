@@ -1,19 +1,22 @@
-"""FID, Inception Score, precision and recall with the FID Inception-v3 of the standard tools, and
-the demo's own Fashion-MNIST scorer.
+"""FID, sFID, Inception Score, precision and recall as ADM's evaluator computes them, with the FID
+Inception-v3 of the standard tools; and the demo's own Fashion-MNIST scorer.
 
     # each file: arr_0, NHWC uint8 (ADM's layout)
     python eval_fid.py SAMPLES.npz REF.npz --json metrics.json
     # the demo's scorer, offline (arr_1: labels)
     python eval_fid.py SAMPLES.npz fashion-mnist --json out.json
 
-ADM's protocol (the one behind ADM's, DiT's, LlamaGen's and RandAR's numbers): FID against the mu /
-sigma a reference .npz stores (ADM's VIRTUAL_imagenet256_labeled.npz: the whole ImageNet training
+ADM's protocol (ADM's evaluator, openai/guided-diffusion evaluations/evaluator.py: the one behind
+ADM's, DiT's, LlamaGen's and RandAR's numbers): FID and sFID against the mu / sigma and mu_s /
+sigma_s a reference .npz stores (ADM's VIRTUAL_imagenet256_labeled.npz: the whole ImageNet training
 set), precision and recall against its arr_0 images; a reference without stored statistics gets them
 computed from its images, and the output says which. The network is Inception-v3 as TensorFlow's FID
 graph (the layout and weights file of `pytorch-fid`, `pt_inception-2015-12-05-6726825d.pth`): uint8
 pixels resized to 299x299 by TensorFlow's legacy bilinear resize, then (x - 128) / 128; 2048-d pool
-features for FID / precision / recall, its 1008 logits for the Inception Score. Precision and recall
-follow Kynkaanniemi et al. with k = 3, as the ADM evaluator does. The network: inception.py.
+features for FID / precision / recall, 2,023 spatial features of mixed_6/conv for sFID, its 1008
+logits for the Inception Score (chunks of 5,000 images in order). Precision and recall follow
+Kynkaanniemi et al. with k = 3 on squared distances in float16, as ADM's evaluator does. The
+network: inception.py.
 """
 import json
 import math
@@ -32,6 +35,10 @@ import flags
 import image_data
 import inception
 
+# sFID's features per image: 17 x 17 positions x the first 7 channels of mixed_6/conv
+SPATIAL_SIZE = 17 * 17 * inception.SPATIAL_CHANNELS
+# ADM's blocks of rows and columns for pairwise distances: its float32 fallback is decided per block
+ADM_BLOCK = 10_000
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
@@ -51,37 +58,40 @@ def load_images(path):
     return images
 
 
-def stored_statistics(path):
-    """(mu, sigma) stored in a reference .npz, or None. ADM's reference batches store them, computed
-    over the whole ImageNet training set: the FID the papers report is against those; the batch's
-    10,000 images serve only precision and recall."""
+# metric -> the names of its statistics in a reference .npz, and its feature size
+STATISTICS = {"fid": ("mu", "sigma", 2048), "sfid": ("mu_s", "sigma_s", SPATIAL_SIZE)}
+
+
+def stored_statistics(path, metric="fid"):
+    """(mu, sigma) of a metric stored in a reference .npz, or None. ADM's reference batches store
+    them, computed over the whole ImageNet training set: the FID and sFID the papers report are
+    against those; the batch's 10,000 images serve only precision and recall."""
+    mean, cov, size = STATISTICS[metric]
     names = files.npz_names(path)
-    if "mu" not in names and "sigma" not in names:
+    if mean not in names and cov not in names:
         return None
-    if not {"mu", "sigma"} <= set(names):
-        raise ValueError(f"{path} stores only one of 'mu' and 'sigma'")
-    mu, sigma = (np.asarray(files.npz_array(path, name), np.float64) for name in ("mu", "sigma"))
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all()
+    if not {mean, cov} <= set(names):
+        raise ValueError(f"{path} stores only one of '{mean}' and '{cov}'")
+    mu, sigma = (np.asarray(files.npz_array(path, name), np.float64) for name in (mean, cov))
+    if mu.shape != (size,) or sigma.shape != (size, size) or not (np.isfinite(mu).all()
                                                                   and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: mu / sigma must be finite 2048 and 2048x2048 Inception "
-                         f"statistics, got {mu.shape} and {sigma.shape}")
+        raise ValueError(f"{path}: {mean} / {cov} must be finite {size} and {size}x{size} "
+                         f"Inception statistics, got {mu.shape} and {sigma.shape}")
     return mu, sigma
 
 
 @torch.no_grad()
 def inception_outputs(model, images, batch_size=50, device="cpu"):
-    """Pool features (N, 2048) float64 and logits (N, 1008), batched, with a progress bar."""
-    all_features = []
-    all_logits = []
+    """Pool features (N, 2048), logits (N, 1008) and spatial features (N, 2023), float64, batched,
+    with a progress bar."""
+    batches = []
     for i in tqdm(range(0, len(images), batch_size), desc="inception"):
         # a writable copy
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
         if x.size(1) == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
-        features, logits = model(x)
-        all_features.append(features.double().cpu())
-        all_logits.append(logits.double().cpu())
-    return torch.cat(all_features).numpy(), torch.cat(all_logits).numpy()
+        batches.append([out.double().cpu() for out in model(x)])
+    return tuple(torch.cat(outputs).numpy() for outputs in zip(*batches))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,24 +115,71 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
-def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over splits. The published convention (TensorFlow's
-    original, the ADM evaluator, torch-fidelity): softmax over the 1008 logits *without* the fc
-    bias, splits of N // splits images each (a remainder is left out)."""
+def inception_score(logits, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over chunks. ADM's evaluator: softmax over the 1008
+    logits *without* the fc bias, chunks of split_size images in order, a short last chunk kept
+    (at N = 50,000: 10 chunks of 5,000)."""
     p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1)
-    size = len(p) // splits
-    if size == 0:
-        raise ValueError(f"the Inception Score needs at least {splits} images, got {len(p)}")
     scores = []
-    for part in p[:size * splits].split(size):
+    for part in p.split(split_size):
         log_marginal = part.mean(0, keepdim=True).clamp_min(1e-30).log()
         kl = (part * (part.clamp_min(1e-30).log() - log_marginal)).sum(1)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def adm_squared_distances(u, v):
+    """Pairwise squared distances as ADM's evaluator computes them: |u|^2 - 2 u.v + |v|^2 clipped at
+    0, in float16, and the whole block again in float32 if any value is not finite (overflow past
+    65,504). Returned as float32 (len(u), len(v))."""
+    d = _squared_distances(u.half(), v.half())
+    if not d.isfinite().all():
+        d = _squared_distances(u.float(), v.float())
+    return d.float()
+
+
+def _squared_distances(u, v):
+    # the same order of operations as ADM's, since float16 rounds every step
+    return ((u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None]).clamp_min(0)
+
+
+def adm_radii(feats, k=3, block=ADM_BLOCK):
+    """Each point's squared distance to its k-th nearest neighbour: the (k+1)-th smallest in its
+    row, its own (about 0) included; rows in blocks, each against the columns block by block."""
+    k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
+    radii = []
+    for i in range(0, len(feats), block):
+        rows = [adm_squared_distances(feats[i:i + block], feats[j:j + block])
+                for j in range(0, len(feats), block)]
+        radii.append(torch.cat(rows, 1).kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def precision_recall(real, fake, k=3, block=ADM_BLOCK):
+    """Improved precision (fakes inside some real ball) and recall (reals inside some fake ball),
+    balls of k-NN radii, as ADM's evaluator (its ManifoldEstimator): float16 squared distances,
+    each block with the reals as rows, `<=`."""
+    real, fake = (torch.as_tensor(np.asarray(x, np.float32)) for x in (real, fake))
+    real_radii, fake_radii = adm_radii(real, k, block), adm_radii(fake, k, block)
+    fake_inside = torch.zeros(len(fake), dtype=torch.bool)
+    real_inside = torch.zeros(len(real), dtype=torch.bool)
+    for i in range(0, len(real), block):
+        for j in range(0, len(fake), block):
+            d = adm_squared_distances(real[i:i + block], fake[j:j + block])
+            fake_inside[j:j + block] |= (d <= real_radii[i:i + block, None]).any(0)
+            real_inside[i:i + block] |= (d <= fake_radii[None, j:j + block]).any(1)
+    return fake_inside.double().mean().item(), real_inside.double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the
+# project trains on Fashion-MNIST's training split is the feature network, its test split the
+# reference.
+
 def _radii(feats, k, batch=256):
-    """Distance of each point to its k-th nearest neighbour, in row chunks: O(batch * N) memory."""
+    """Distance of each point to its k-th nearest neighbour, in row chunks: O(batch * N) memory.
+    The scorer's precision and recall keep float64 Euclidean distances, with which its documented
+    numbers were measured."""
     k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
     # the (k+1)-th smallest distance, since each point's own distance (0) is among them
     return torch.cat([torch.cdist(feats[i:i + batch], feats).kthvalue(k + 1, dim=1).values
@@ -137,19 +194,6 @@ def _coverage(points, centres, radii, batch=256):
         inside += (d <= radii[None]).any(1).sum().item()
     return inside / len(points)
 
-
-def precision_recall(real, fake, k=3):
-    """Improved precision (fakes inside the real manifold) and recall (reals inside the fake
-    manifold)."""
-    real = torch.as_tensor(real, dtype=torch.float64)
-    fake = torch.as_tensor(fake, dtype=torch.float64)
-    return _coverage(fake, real, _radii(real, k)), _coverage(real, fake, _radii(fake, k))
-
-
-# ----------------------------------------------------------------------------------------------
-# The demo's own scorer (`eval_fid.py SAMPLES fashion-mnist`), offline: a small classifier the
-# project trains on Fashion-MNIST's training split is the feature network, its test split the
-# reference.
 
 class FashionNet(nn.Module):
     """Grey 32x32 (28x28 padded) -> 128-d features and 10 class logits: small enough to train on 2
@@ -234,7 +278,7 @@ def fashion_scores(model, images, labels, data_dir=None, k=3):
     feats = feats / ref["unit"]
     fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref["mu"], ref["sigma"])
     fake = torch.as_tensor(feats, dtype=torch.float64)
-    precision = _coverage(fake, ref["real"], ref["radii"])  # as precision_recall(real, fake)
+    precision = _coverage(fake, ref["real"], ref["radii"])
     recall = _coverage(ref["real"], fake, _radii(fake, k))
     consistency = float((logits.argmax(1) == np.asarray(labels)).mean())
     return {"class_consistency": consistency, "fid": fd, "precision": precision, "recall": recall}
@@ -265,21 +309,30 @@ def main(args):
                                      args.data_dir), args.json)
     # both checked before Inception loads
     images = [load_images(path) for path in (args.samples, args.ref)]
-    stored = stored_statistics(args.ref)
+    stored = {metric: stored_statistics(args.ref, metric) for metric in STATISTICS}
     model = inception.load_inception(args.inception, args.device)
-    f1, logits = inception_outputs(model, images[0], args.batch_size, args.device)
-    f2, _ = inception_outputs(model, images[1], args.batch_size, args.device)
-    if stored is None:
-        print(f"note: {args.ref} stores no mu / sigma: the FID reference statistics are computed "
-              f"from its {len(f2)} images (not comparable with published FIDs)")
-    mu2, sigma2 = stored or (f2.mean(0), np.cov(f2, rowvar=False))
-    results = {"fid": frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), mu2, sigma2),
-               "fid_statistics": f"mu/sigma stored in {os.path.basename(args.ref)}" if stored else
-               f"computed from the {len(f2)} images of {os.path.basename(args.ref)}"}
-    if len(logits) >= 10:
-        results["is_mean"], results["is_std"] = inception_score(logits)
-    results["precision"], results["recall"] = precision_recall(f2, f1)
+    pool, logits, spatial = inception_outputs(model, images[0], args.batch_size, args.device)
+    ref_pool, _, ref_spatial = inception_outputs(model, images[1], args.batch_size, args.device)
+    results = {**distance_to_reference("fid", pool, ref_pool, stored["fid"], args.ref),
+               **distance_to_reference("sfid", spatial, ref_spatial, stored["sfid"], args.ref)}
+    results["is_mean"], results["is_std"] = inception_score(logits)
+    results["precision"], results["recall"] = precision_recall(ref_pool, pool)
     report(results, args.json)
+
+
+def distance_to_reference(metric, feats, ref_feats, stored, ref_path):
+    """{metric: the Frechet distance from the features' statistics to the reference's stored ones
+    (else its features'), metric_statistics: which of the two}."""
+    mean, cov, _ = STATISTICS[metric]
+    name = os.path.basename(ref_path)
+    if stored is None:
+        print(f"note: {ref_path} stores no {mean} / {cov}: the {metric} reference statistics are "
+              f"computed from its {len(ref_feats)} images (not comparable with published values)")
+    mu, sigma = stored or (ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
+    source = (f"{mean}/{cov} stored in {name}" if stored else
+              f"computed from the {len(ref_feats)} images of {name}")
+    distance = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    return {metric: distance, f"{metric}_statistics": source}
 
 
 def report(results, json_path):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
+# ADM's sFID keeps the first 7 of the 192 channels of TensorFlow's mixed_6/conv
+SPATIAL_CHANNELS = 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,9 +171,6 @@ def spatial_features(x):
     return x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
 
-SPATIAL_CHANNELS = 7
-
-
 class FIDInception(nn.Module):
     def __init__(self):
         super().__init__()
@@ -210,7 +209,8 @@ class FIDInception(nn.Module):
             x = getattr(self, f"Mixed_{name}")(x)
         # ADM's sFID reads the graph's mixed_6/conv: the graph numbers its blocks mixed, mixed_1,
         # ..., mixed_10 (Mixed_5b ... Mixed_7c), and its weights mixed_6/conv/conv2d_params are
-        # this 1x1 branch's (torch-fidelity's converter, convert_inception_weights.py)
+        # this 1x1 branch's (torch-fidelity's converter, convert_inception_weights.py). Computed
+        # once more beside the block, which concatenates it: a 1x1 convolution, cheap.
         spatial = spatial_features(self.Mixed_6d.branch1x1(x))
         for name in ("6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)

@@ -61,24 +61,74 @@ def test_precision_recall_and_inception_score_known_answers():
     confident[np.arange(1000), np.arange(1000) % 10] = 1e4  # evenly spread over 10 classes
     mean, std = eval_fid.inception_score(confident)
     assert abs(mean - 10.0) < 1e-6 and std < 1e-6
-    # Published split convention: 10 splits of N // 10 images, the remainder left out (N = 15: 10
-    # splits of 1).
-    logits = np.zeros((15, 1008))
-    logits[10:, 0] = 50.0  # the last 5 images are in no split: every split holds one image, IS = 1
-    assert abs(eval_fid.inception_score(logits)[0] - 1.0) < 1e-9
-    with pytest.raises(ValueError, match="at least 10"):
-        eval_fid.inception_score(logits[:9])
+    # ADM's chunks: in order, the short last one kept. 15 images in chunks of 10: the first spread
+    # over 10 classes (IS 10), the last 5 over 5 (IS 5). Ten splits of N // 10 would give 1, the
+    # remainder dropped 10.
+    logits = np.full((15, 1008), -1e4)
+    logits[np.arange(15), np.r_[np.arange(10), np.arange(5)]] = 1e4
+    mean, std = eval_fid.inception_score(logits, split_size=10)
+    assert abs(mean - 7.5) < 1e-6 and abs(std - 2.5) < 1e-6
 
 
-def test_precision_recall_in_chunks_equals_the_full_distance_matrix():
+def test_precision_recall_in_blocks_equals_the_full_distance_matrix():
+    """ADM's precision and recall in blocks of 64 against one block of everything; the scorer's
+    float64 radii in row chunks against the full cdist."""
     rng = np.random.default_rng(2)
-    real = torch.tensor(rng.normal(size=(700, 8)))
-    fake = torch.tensor(rng.normal(size=(600, 8)) + 0.3)
-    full_radii = torch.cdist(real, real).kthvalue(4, dim=1).values
-    assert torch.allclose(eval_fid._radii(real, 3, batch=64), full_radii)
-    inside = (torch.cdist(fake, real) <= full_radii[None]).any(1).double().mean().item()
+    real = torch.tensor(rng.normal(size=(700, 8)), dtype=torch.float32)
+    fake = torch.tensor(rng.normal(size=(600, 8)) + 0.3, dtype=torch.float32)
+    full = eval_fid.adm_squared_distances(real, fake)  # (reals, fakes)
+    real_radii = eval_fid.adm_squared_distances(real, real).kthvalue(4, dim=1).values
+    assert torch.equal(eval_fid.adm_radii(real, 3, block=64), real_radii)
+    inside = (full <= real_radii[:, None]).any(0).double().mean().item()
     precision, recall = eval_fid.precision_recall(real, fake)
     assert precision == inside and 0.2 < precision < 1.0 and 0.2 < recall < 1.0
+    assert eval_fid.precision_recall(real, fake, block=64) == (precision, recall)
+    real64 = real.double()
+    full_radii = torch.cdist(real64, real64).kthvalue(4, dim=1).values
+    assert torch.allclose(eval_fid._radii(real64, 3, batch=64), full_radii)
+
+
+def test_adm_distances_are_float16_with_a_float32_fallback_per_block():
+    """Squared distances rounded as float16 arithmetic rounds them; a block where float16
+    overflows (squared norms past 65,504) is computed again, whole, in float32."""
+    u = torch.tensor([[3.0, 4.0], [100.1, 0.0]])
+    v = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    d = eval_fid.adm_squared_distances(u, v)
+    assert d.dtype == torch.float32 and torch.equal(d, d.half().float())
+    # float16 rounds 100.1 to 100.125, and its square (10025.0) to a multiple of 8
+    assert d[1, 0] == 10024.0
+    far = torch.cat([u, torch.tensor([[300.0, 0.0]])])
+    d = eval_fid.adm_squared_distances(far, v)
+    assert d[1, 0] == pytest.approx(100.1 ** 2, rel=1e-6)  # the whole block in float32
+    assert d[2, 0] == 90000.0 and d[0, 1] == 8.0  # |(3, 4) - (1, 2)|^2
+
+
+def test_adm_metrics_match_adm_evaluators_own_results():
+    """fixtures/adm_metrics.npz (../shared/adm_fixtures/README.md): ADM's evaluator's own FID,
+    Inception Score and precision / recall on seeded inputs, and sFID's flattening order."""
+    ref = np.load(os.path.join(FIXTURES, "adm_metrics.npz"))
+    for a, b, value in (("fid_a", "fid_b", "fid_value"),
+                        ("fid_singular_a", "fid_singular_b", "fid_singular_value")):
+        stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (ref[b], ref[a])]
+        fid = eval_fid.frechet_distance(*stats[0], *stats[1])
+        assert abs(fid - ref[value]) <= 1e-6 * ref[value], value
+    logits = ref["is_features"].astype(np.float32) @ ref["is_weight"].astype(np.float32)
+    for split_size in (50, 5000):  # chunks of 50, 50 and 20; one chunk of 120
+        expected = ref[f"is_split{split_size}"]
+        assert abs(eval_fid.inception_score(logits, split_size)[0] - expected) <= 1e-6 * expected
+    real, fake = (torch.from_numpy(ref[name].astype(np.float32))
+                  for name in ("pr_ref", "pr_sample"))
+    precision, recall = eval_fid.precision_recall(real, fake)
+    assert abs(precision - ref["pr_precision"]) <= 0.01 and abs(recall - ref["pr_recall"]) <= 0.01
+    for feats, name in ((real, "pr_ref_radii"), (fake, "pr_sample_radii")):
+        ours, adm = eval_fid.adm_radii(feats), torch.from_numpy(ref[name])
+        # TensorFlow's float16 kernels round differently from torch's: within 2 float16 steps
+        # (measured: 72% and 66% equal, the rest 1 or 2 steps off); float32 would match none
+        assert ((ours - adm).abs() <= 2.5e-3 * adm).all() and (ours == adm).double().mean() > 0.5
+    nhwc = torch.from_numpy(ref["sfid_layout_nhwc"])
+    # the module's NCHW tensor, with channels past the 7 that sFID keeps
+    nchw = torch.cat([nhwc, -torch.ones(2, 3, 3, 5)], 3).permute(0, 3, 1, 2)
+    assert torch.equal(inception.spatial_features(nchw), torch.from_numpy(ref["sfid_layout_flat"]))
 
 
 def test_inception_logits_leave_out_the_fc_bias():
@@ -86,7 +136,7 @@ def test_inception_logits_leave_out_the_fc_bias():
     model = inception.FIDInception().eval()
     with torch.no_grad():
         model.fc.bias.fill_(5.0)
-        feats, logits = model(torch.randint(0, 255, (2, 3, 75, 75), dtype=torch.uint8))
+        feats, logits, _ = model(torch.randint(0, 255, (2, 3, 75, 75), dtype=torch.uint8))
     assert torch.allclose(logits, feats @ model.fc.weight.t())
 
 
@@ -100,6 +150,8 @@ def test_inception_layout_matches_pytorch_fid_weights():
                                                3) and sd["Conv2d_4a_3x3.bn.running_var"] == (192,)
     assert sd["Mixed_5b.branch_pool.conv.weight"] == (32, 192, 1, 1)
     assert sd["Mixed_6e.branch7x7dbl_5.conv.weight"] == (192, 192, 1, 7)
+    # sFID's mixed_6/conv: the TF graph's mixed_6/conv/conv2d_params is [1, 1, 768, 192]
+    assert sd["Mixed_6d.branch1x1.conv.weight"] == (192, 768, 1, 1)
     assert sd["Mixed_7a.branch7x7x3_4.conv.weight"] == (192, 192, 3, 3)
     assert sd["Mixed_7c.branch3x3dbl_3b.conv.weight"] == (384, 384, 3, 1)
     assert sd["fc.weight"] == (1008,
@@ -107,9 +159,10 @@ def test_inception_layout_matches_pytorch_fid_weights():
 
 
 def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
-    """`python eval_fid.py` (the script's smoke run) on an npz against itself: FID from the
+    """`python eval_fid.py` (the script's smoke run) on an npz against itself: FID and sFID from the
     reference's images, and the output says so. Then ADM's protocol on a synthetic ADM batch: FID
-    against its stored mu / sigma, precision and recall against its images."""
+    and sFID against its stored mu / sigma and mu_s / sigma_s, precision and recall against its
+    images."""
     torch.manual_seed(0)
     weights = str(tmp_path / "random_inception.pth")
     torch.save(inception.FIDInception().state_dict(), weights)
@@ -122,24 +175,34 @@ def test_eval_fid_cli_on_two_npz_and_an_adm_batch(tmp_path, capsys):
     assert abs(m["fid"]) < 1e-3
     assert m["precision"] == 1.0
     assert m["recall"] == 1.0
-    assert "is_mean" not in m  # fewer images than the Inception Score's 10 splits: left out
-    assert m["fid_statistics"] == "computed from the 4 images of s.npz"
-    assert "stores no mu / sigma" in r.stdout
-    feats = eval_fid.inception_outputs(inception.load_inception(weights), images)[0]
+    # ADM's chunks of 5,000: one chunk of 4 identical images, IS 1
+    assert m["is_mean"] == pytest.approx(1.0) and m["is_std"] == 0.0
+    assert abs(m["sfid"]) < 1e-3
+    assert m["fid_statistics"] == m["sfid_statistics"] == "computed from the 4 images of s.npz"
+    assert "stores no mu / sigma" in r.stdout and "stores no mu_s / sigma_s" in r.stdout
+    feats, _, spatial = eval_fid.inception_outputs(inception.load_inception(weights), images)
+    assert spatial.shape == (4, 17 * 17 * 7)
     mu = np.linspace(-1, 1, 2048)
     sigma = np.diag(np.linspace(0.5, 2, 2048))
-    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma)
+    mu_s = np.linspace(0, 1, 2023)
+    sigma_s = np.diag(np.linspace(0.5, 2, 2023))
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     assert cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "adm.npz", "--inception", weights,
                "--json", tmp_path / "adm.json") is None
     adm = json.load(open(tmp_path / "adm.json"))
-    expected = eval_fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
-    # not the ~0 of its own images
-    assert abs(adm["fid"] - expected) <= 1e-6 * expected and expected > 100
+    for metric, x, m_ref, s_ref in (("fid", feats, mu, sigma), ("sfid", spatial, mu_s, sigma_s)):
+        expected = eval_fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), m_ref, s_ref)
+        # not the ~0 of its own images
+        assert abs(adm[metric] - expected) <= 1e-6 * expected and expected > 100, metric
     assert adm["fid_statistics"] == "mu/sigma stored in adm.npz"
+    assert adm["sfid_statistics"] == "mu_s/sigma_s stored in adm.npz"
     assert adm["precision"] == 1.0 and adm["recall"] == 1.0  # the images: the samples' own
     np.savez(tmp_path / "half.npz", arr_0=images, mu=mu)
     assert "only one of 'mu' and 'sigma'" in cli("eval_fid.py", tmp_path / "s.npz",
                                                  tmp_path / "half.npz", "--inception", weights)
+    np.savez(tmp_path / "bad_s.npz", arr_0=images, mu_s=mu, sigma_s=sigma)
+    message = cli("eval_fid.py", tmp_path / "s.npz", tmp_path / "bad_s.npz", "--inception", weights)
+    assert "bad_s.npz: mu_s / sigma_s must be finite 2023" in message and "\n" not in message
 
 
 def test_inception_resize_is_tensorflows_legacy_bilinear():
@@ -217,11 +280,13 @@ def test_fashion_scorer_rates_real_images_high_shuffled_labels_low_and_noise_far
                                     torch.randint(0, 256, real.shape, dtype=torch.uint8), labels)
     assert scores["class_consistency"] >= 0.7 and shuffled["class_consistency"] <= 0.3
     assert noise["fid"] >= 20 * scores["fid"] and scores["precision"] > noise["precision"]
-    # the test split's reference, kept per classifier, against one computed afresh
+    # the test split's radii, kept per classifier, against radii computed afresh
     ref = eval_fid.fashion_reference(quick_fashion_classifier)
     fake = eval_fid.classifier_outputs(quick_fashion_classifier, real)[0] / ref["unit"]
-    fresh = eval_fid.precision_recall(ref["real"].numpy(), fake)
-    assert fresh == (scores["precision"], scores["recall"])
+    fake = torch.from_numpy(fake)
+    precision = eval_fid._coverage(fake, ref["real"], eval_fid._radii(ref["real"], 3))
+    recall = eval_fid._coverage(ref["real"], fake, eval_fid._radii(fake, 3))
+    assert (precision, recall) == (scores["precision"], scores["recall"])
 
 
 def test_fashion_scorer_command_reads_28_and_32_pixel_npz_and_writes_its_keys(
@@ -286,18 +351,18 @@ def docs_figures():
 
 
 def test_inception_score_matches_its_formula_written_in_numpy():
-    """exp(mean KL(p(y|x) || p(y))) per split of N // splits images (the 25th left out), softmax
-    over the logits as given, mean and std over the splits."""
+    """exp(mean KL(p(y|x) || p(y))) per chunk of 12 images in order (the 25th alone in the last),
+    softmax over the logits as given, mean and std over the chunks."""
     logits = np.random.default_rng(0).normal(size=(25, 1008)) * 3
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     scores = []
-    for part in (p[:12], p[12:24]):
+    for part in (p[:12], p[12:24], p[24:]):
         kl = (part * (np.log(part) - np.log(part.mean(0)))).sum(1)
         scores.append(np.exp(kl.mean()))
-    mean, std = eval_fid.inception_score(logits, splits=2)
+    mean, std = eval_fid.inception_score(logits, split_size=12)
     assert abs(mean - np.mean(scores)) < 1e-9 and abs(std - np.std(scores)) < 1e-9
-    assert mean > 1.5  # random logits: far from the score of one image per split
+    assert scores[2] == pytest.approx(1.0) and mean > 1.3  # random logits: far from 1 per chunk
 
 
 def avg_pool_ignoring_padding(x):
@@ -315,23 +380,54 @@ def test_fid_inception_input_pools_and_logits_are_the_tf_graphs():
     """What a published FID depends on beside the resize (tested against TensorFlow itself), each
     against a computation written out here: uint8 pixels scaled by the graph's Sub 128 and Mul
     1/128; TensorFlow's 3x3 average pool, which ignores the padding; the 2048 features, the spatial
-    mean of Mixed_7c; the logits, without the fc bias. (pytorch-fid, the reference the issue named,
-    needs a torchvision; none that installs here loads against a CPU torch.)"""
+    mean of Mixed_7c; the logits, without the fc bias; sFID's features, TF's mixed_6/conv (the 1x1
+    branch, which Mixed_6d concatenates first), 7 channels position by position. (pytorch-fid, the
+    reference the issue named, needs a torchvision; none that installs here loads against a CPU
+    torch.)"""
     torch.manual_seed(0)
     model = inception.FIDInception().eval()
     torch.nn.init.ones_(model.fc.bias)
     seen = {}
     model.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, a: seen.update(input=a[0]))
     model.Mixed_7c.register_forward_hook(lambda m, a, out: seen.update(mixed_7c=out))
+    model.Mixed_6d.register_forward_hook(lambda m, a, out: seen.update(mixed_6d=out))
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     with torch.no_grad():
-        features, logits = model(images)
+        features, logits, spatial = model(images)
     scaled = (images.numpy().astype(np.float64) - 128) / 128
     assert np.abs(seen["input"].numpy() - scaled).max() < 1e-6
     pooled = seen["mixed_7c"].double().numpy().mean(axis=(2, 3))
     assert np.abs(features.double().numpy() - pooled).max() < 1e-5
     no_bias = pooled @ model.fc.weight.detach().double().numpy().T
     assert np.abs(logits.double().numpy() - no_bias).max() < 1e-3
+    branch = seen["mixed_6d"][:, :7].numpy().transpose(0, 2, 3, 1).reshape(2, -1)
+    assert spatial.shape == (2, 17 * 17 * 7) and np.array_equal(spatial.numpy(), branch)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     expected = avg_pool_ignoring_padding(x.numpy())
     assert np.abs(inception.avg_pool_tf(x).numpy() - expected).max() < 1e-12
+
+
+def test_inception_at_256_px_sees_the_tf_resize_in_full_float32(monkeypatch):
+    """At ADM's 256 px, where the resize is not the identity, the first convolution sees
+    (resize_like_tensorflow(x) - 128) / 128; the forward runs with TF32 off (cuDNN's default is on)
+    and leaves the settings as it found them."""
+    model = inception.FIDInception().eval()
+    seen = {}
+
+    def look(module, args):
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        seen.update(input=args[0], tf32=tf32)
+
+    model.Conv2d_1a_3x3.register_forward_pre_hook(look)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    with torch.no_grad():
+        spatial = model(images)[2]
+    assert seen["tf32"] == (False, False)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    expected = (inception.resize_like_tensorflow(images.float(), (299, 299)) - 128) / 128
+    assert torch.equal(seen["input"], expected)
+    half_pixel = torch.nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear")
+    assert (seen["input"] - (half_pixel - 128) / 128).abs().max() > 0.1
+    assert spatial.shape == (2, 17 * 17 * 7)

@@ -55,55 +55,28 @@ def main(args):
 
 
 def train(args, rank, world, device):
-    # ---- set-up: seeds, precision, the token cache, the model, its optimizer, a checkpoint -------
+    """Set-up, then the loop; every rank runs it."""
+    # ---- set-up: the token cache, the model, its optimizer, a checkpoint to resume -------------
     is_main = rank == 0
     seed = args.seed * world + rank  # per-rank seed
     torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ctx = precision_context(device)
     last = os.path.join(args.out_dir, "last.pt")
-    resume = args.resume or (last if os.path.exists(last) else None)
-    ckpt = read_checkpoint(resume) if resume else None
+    resume, ckpt = find_checkpoint(args, last, is_main)
     if is_main:
-        remove_temporaries(args.out_dir)  # what a killed run was writing
         print_header(args, world, device, seed)
     vq_path, data = token_cache.prepare_tokens(args, rank, world, device)
-    # the model's init and dropout stream do not depend on which stages ran before
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the model's init does not depend on which stages ran before
     cfg = model_config(args, data["train"])
-    model = RandAR(cfg).to(device)
-    # The weights' exponential moving average samples and validates: averaging the last few hundred
-    # steps removes much of the optimizer's noise, which a short run is full of.
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
-    opt = make_optimizer(model, args, device)
-    ddp = model
-    if world > 1:
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, ema, opt = make_model(cfg, args, device)
+    ddp = wrap_ddp(model, world, device)  # the module the loop calls: DDP under torchrun
     forward = torch.compile(ddp, dynamic=False) if args.compile else ddp
-    ddp.train()
-    step = epoch = batch_in_epoch = skipped = 0
-    if ckpt is not None:
-        step, epoch, batch_in_epoch, skipped = restore(ckpt, resume, cfg, model, ema, opt)
-        if is_main:
-            print(f"resumed from {resume} at step {step}")
+    step, epoch, batch_in_epoch, skipped = restore(ckpt, resume, cfg, model, ema, opt, is_main)
     vq = tok.load_tokenizer(vq_path, device) if is_main else None
-    if ckpt is not None and len(ckpt["rng"]) == world:
-        # after every init that draws random numbers: every rank continues its own random stream
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    tokens = data["train"]["tokens"]
+    restore_random_state(ckpt, rank, world, device)  # after every init that draws random numbers
     labels = data["train"]["labels"]
-    sampler = torch.utils.data.DistributedSampler(range(len(tokens)), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    per_epoch = len(sampler) // (args.batch_size * args.grad_accum)  # optimizer steps
-    if per_epoch == 0:
-        raise ValueError(f"{len(tokens)} training images are fewer than one global batch "
-                         f"({args.batch_size * world * args.grad_accum}); lower --batch-size")
-    global_batch = args.batch_size * world * args.grad_accum
-    log = Log(args, step, is_main, tokens_per_step=global_batch * tokens.size(1))
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps = 0
+    sampler, per_epoch = make_sampler(len(labels), args, rank, world)
+    log = Log(args, step, is_main, world, device, data["train"]["tokens"].size(1))
     micro_batches = None
 
     # ---- the loop: one optimizer step over --grad-accum micro-batches per rank -----------------
@@ -113,73 +86,45 @@ def train(args, rank, world, device):
             batch_in_epoch = 0
         if micro_batches is None or batch_in_epoch == 0:
             micro_batches, coins = epoch_batches(sampler, epoch, per_epoch, data["train"], args)
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(opt, step, args)
         micro = micro_batches[batch_in_epoch * args.grad_accum:][:args.grad_accum]
         batches = [(token_cache.batch_tokens(data["train"], i, coins).to(device),
-                    labels[i].to(device)) for i in micro]
+                    labels[i].to(device)) for i in micro]  # this rank's share of the step
         for i, (x, y) in enumerate(batches):
             # DDP all-reduces the gradients on the last micro-batch only
             sync = i == len(batches) - 1 or world == 1
             with (nullcontext() if sync else ddp.no_sync()), ctx:
                 _, loss = forward(x, y, order=args.order)
             (loss / len(batches)).backward()
-            window_loss += loss.detach().double() / len(batches)  # no host synchronisation
+            log.add_loss(loss.detach() / len(batches))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         if skips_update(model, step, args):
             skipped += 1
         else:
             opt.step()
-            if ema is not None:
-                update_ema(ema, model, step, args.ema)
+            update_ema(ema, model, step, args.ema)
         opt.zero_grad(set_to_none=True)
         step += 1
         batch_in_epoch += 1
-        window_steps += 1
 
-        # ---- the training loss: read by the host once per window and before every checkpoint
-        at_end = step == args.steps
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or at_end:
-            if world > 1:  # the mean over ranks, before rank 0 logs it
-                dist.all_reduce(window_loss)
-            loss = window_loss.item() / window_steps / world
-            if not math.isfinite(loss):  # stop before the NaNs reach a checkpoint
-                good = "no checkpoint written yet"
-                if os.path.exists(last):
-                    good = f"last good checkpoint {last}"
-                raise FloatingPointError(f"non-finite loss ({loss}) by step {step} (checked every "
-                                         f"--log-every steps); {good}")
-            log.train(step, window_steps, loss, lr, grad_norm)
-            window_loss.zero_()
-            window_steps = 0
-
-        # ---- validation, samples and the checkpoint, each at its interval and after the last step
-        if step % args.eval_every == 0 or at_end:
+        # ---- the loss, validation, samples and the checkpoint, each at its interval and at the end
+        if due(step, args.log_every, args) or due(step, args.ckpt_every, args):
+            log.train(step, lr, grad_norm, last)  # stops here on a non-finite loss
+        if due(step, args.eval_every, args):
             log.validation(step, validation_loss(ema or model, data["test"], args, device, ctx))
-        if is_main and ((args.sample_every and step % args.sample_every == 0) or at_end):
+        if is_main and due(step, args.sample_every, args):
             save_samples(ema or model, vq, args, device, ctx)
-        if step % args.ckpt_every == 0 or at_end:
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            rngs = distributed.gather(rng, world)
-            if is_main:
-                files.save_atomic({
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                    "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps,
-                                  "total_steps": args.steps, "min_lr_ratio": args.min_lr_ratio},
-                    "config": asdict(cfg), "rng": rngs,
-                    "data_position": {"epoch": epoch, "batch": batch_in_epoch},
-                    "skipped_steps": skipped,
-                    "tokenizer": os.path.abspath(vq_path), "args": vars(args)}, last)
+        if due(step, args.ckpt_every, args):
+            position = {"step": step, "data_position": {"epoch": epoch, "batch": batch_in_epoch},
+                        "skipped_steps": skipped}
+            save_checkpoint(model, opt, ema, position, vq_path, last, args, rank, world, device)
         distributed.barrier()
-    log.close()
-    if is_main:
-        rule = f" ({skipped} skipped by the gradient-skip rule)" if args.skip_grad_norm else ""
-        samples = os.path.join(args.out_dir, "samples.png")
-        print(f"done: {step} steps{rule}; checkpoint {last}, samples {samples}")
+    log.close(step, skipped, last)
+
+
+def due(step, every, args):
+    """Whether an action every `every` steps (0: never) is due after `step`; all are at the end."""
+    return (every and step % every == 0) or step == args.steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,17 +142,19 @@ def check_args(args, world):
     distributed.rank0_decides(lambda: token_cache.check_enough_images(args, world), rank)
 
 
-def read_checkpoint(path):
-    ckpt = checkpoints.load_torch_file(path, "RandAR checkpoint")
-    if not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
-        raise ValueError(f"{path} is not a checkpoint written by train.py (cannot resume from it)")
-    return ckpt
-
-
-def remove_temporaries(folder):
-    for name in os.listdir(folder):
-        if re.search(r"\.tmp\d+(\.\w+)?$", name):
-            os.remove(os.path.join(folder, name))
+def find_checkpoint(args, last, is_main):
+    """(path, contents) of the checkpoint to resume from: --resume, else <out-dir>/last.pt, else
+    (None, None). Rank 0 removes the temporary files a killed run left."""
+    resume = args.resume or (last if os.path.exists(last) else None)
+    ckpt = checkpoints.load_torch_file(resume, "RandAR checkpoint") if resume else None
+    if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
+        raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from "
+                         "it)")
+    if is_main:
+        for name in os.listdir(args.out_dir):
+            if re.search(r"\.tmp\d+(\.\w+)?$", name):
+                os.remove(os.path.join(args.out_dir, name))
+    return resume, ckpt
 
 
 def print_header(args, world, device, seed):
@@ -240,18 +187,40 @@ def model_config(args, token_file):
     return cfg
 
 
-def make_optimizer(model, args, device):
-    """AdamW; weight decay on matrices and embeddings, none on norm weights."""
+def precision_context(device):
+    """bf16 autocast and TF32 matmuls on GPUs; float32 on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_model(cfg, args, device):
+    """The model in training mode, its EMA (None with --ema 0) and AdamW, which decays matrices and
+    embeddings but not norm weights."""
+    model = RandAR(cfg).to(device).train()
+    # The weights' exponential moving average samples and validates: averaging the last few hundred
+    # steps removes much of the optimizer's noise, which a short run is full of.
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                             betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
+    return model, ema, opt
 
 
-def restore(ckpt, path, cfg, model, ema, opt):
+def wrap_ddp(model, world, device):
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def restore(ckpt, path, cfg, model, ema, opt, is_main):
     """A checkpoint's weights and optimizer state -> where training stands: (step, epoch, batch in
-    the epoch, updates skipped)."""
+    the epoch, updates skipped); a fresh start without one."""
+    if ckpt is None:
+        return 0, 0, 0, 0
     if checkpoints.randar_config(ckpt["config"]) != cfg:
         raise ValueError(f"{path} was trained with another config; use a new --out-dir")
     model.load_state_dict(ckpt["model"], strict=True)
@@ -260,8 +229,30 @@ def restore(ckpt, path, cfg, model, ema, opt):
             raise ValueError(f"{path} holds no EMA weights; resume with --ema 0")
         ema.load_state_dict(ckpt["ema"], strict=True)
     opt.load_state_dict(ckpt["optimizer"])
+    if is_main:
+        print(f"resumed from {path} at step {ckpt['step']}")
     position = ckpt["data_position"]
     return ckpt["step"], position["epoch"], position["batch"], ckpt.get("skipped_steps", 0)
+
+
+def restore_random_state(ckpt, rank, world, device):
+    """With the same number of processes, every rank continues its own random stream."""
+    if ckpt is None or len(ckpt["rng"]) != world:
+        return
+    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+
+
+def make_sampler(n_images, args, rank, world):
+    """The rank's share of each epoch's shuffle, and the optimizer steps an epoch holds."""
+    sampler = torch.utils.data.DistributedSampler(range(n_images), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // (args.batch_size * args.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"{n_images} training images are fewer than one global batch "
+                         f"({args.batch_size * world * args.grad_accum}); lower --batch-size")
+    return sampler, per_epoch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +279,13 @@ def learning_rate(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
+def set_learning_rate(opt, step, args):
+    lr = learning_rate(step, args)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def skips_update(model, step, args):
     """The releases' gradient-skip rule (docs/algorithm.md §12): from step --skip-grad-from on, no
     update when the sum of the per-tensor gradient norms after clipping reaches --skip-grad-norm.
@@ -300,8 +298,11 @@ def skips_update(model, step, args):
 
 @torch.no_grad()  # else every update would join an ever longer autograd graph
 def update_ema(ema, model, step, max_decay):
-    """ema <- d ema + (1 - d) model. The decay ramps up as (1 + t) / (10 + t) to max_decay, so the
-    average does not hold on to the init; a short run ends before the ramp reaches --ema."""
+    """ema <- d ema + (1 - d) model (nothing when ema is None). The decay ramps up as
+    (1 + t) / (10 + t) to max_decay, so the average does not hold on to the init; a short run ends
+    before the ramp reaches --ema."""
+    if ema is None:
+        return
     decay = min(max_decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
@@ -359,27 +360,64 @@ def save_samples(model, vq, args, device, ctx):
     model.train()
 
 
-class Log:
-    """Rank 0's progress bar and metrics.jsonl."""
+def save_checkpoint(model, opt, ema, position, vq_path, path, args, rank, world, device):
+    """Rank 0 writes a plain dict with every rank's random state, so that a resumed run goes on
+    exactly as an uninterrupted one."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = distributed.gather(rng, world)
+    if rank != 0:
+        return
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), **position,
+            "scheduler": {"lr": args.lr, "warmup_steps": args.warmup_steps,
+                          "total_steps": args.steps, "min_lr_ratio": args.min_lr_ratio},
+            "config": asdict(model.config), "rng": rngs,
+            "tokenizer": os.path.abspath(vq_path), "args": vars(args)}
+    if ema is not None:
+        ckpt["ema"] = ema.state_dict()
+    files.save_atomic(ckpt, path)
 
-    def __init__(self, args, step, is_main, tokens_per_step):
-        self.path = os.path.join(args.out_dir, "metrics.jsonl")
-        self.tokens_per_step = tokens_per_step
+
+class Log:
+    """The training loss, summed on the device and read by the host once per window; rank 0's
+    progress bar and metrics.jsonl."""
+
+    def __init__(self, args, step, is_main, world, device, tokens_per_image):
+        self.args = args
         self.is_main = is_main
+        self.world = world
+        self.tokens_per_step = args.batch_size * world * args.grad_accum * tokens_per_image
+        self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.logged_step = step
         self.t_last = time.time()
         self.bar = tqdm(total=args.steps, initial=step, desc="randar", disable=not is_main)
 
-    def train(self, step, steps, loss, lr, grad_norm):
-        """The mean training loss of the last `steps` steps."""
-        if not self.is_main:
-            return
-        now = time.time()
-        tok_s = steps * self.tokens_per_step / max(now - self.t_last, 1e-9)
-        self.bar.update(steps)
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        self.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tok_s, "time": now})
-        self.t_last = now
+    def add_loss(self, loss):
+        """A micro-batch's share of a step's loss, added on the device (no host synchronisation)."""
+        self.window_loss += loss.double()
+
+    def train(self, step, lr, grad_norm, last):
+        """The mean loss over the ranks and the steps since the last call; a non-finite one stops
+        the run before it reaches a checkpoint."""
+        steps = step - self.logged_step
+        self.logged_step = step
+        if self.world > 1:
+            dist.all_reduce(self.window_loss)
+        loss = self.window_loss.item() / steps / self.world
+        if not math.isfinite(loss):
+            good = f"last good checkpoint {last}" if os.path.exists(last) else "no checkpoint yet"
+            raise FloatingPointError(f"non-finite loss ({loss}) by step {step} (checked every "
+                                     f"--log-every steps); {good}")
+        self.window_loss.zero_()
+        if self.is_main:
+            now = time.time()
+            tok_s = steps * self.tokens_per_step / max(now - self.t_last, 1e-9)
+            self.bar.update(steps)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            self.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                        "tokens_per_s": tok_s, "time": now})
+            self.t_last = now
 
     def validation(self, step, val):
         if self.is_main:
@@ -387,11 +425,16 @@ class Log:
             self.bar.write(f"step {step}: val loss {val:.4f} nats/token")
 
     def write(self, record):
-        with open(self.path, "a") as f:
+        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def close(self):
+    def close(self, step, skipped, last):
         self.bar.close()
+        if self.is_main:
+            rule = f" ({skipped} skipped by the gradient-skip rule)" if self.args.skip_grad_norm \
+                else ""
+            samples = os.path.join(self.args.out_dir, "samples.png")
+            print(f"done: {step} steps{rule}; checkpoint {last}, samples {samples}")
 
 
 # ----------------------------------------------------------------------------------------------
