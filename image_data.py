@@ -90,18 +90,22 @@ def fashion_mnist(split, data_dir=None, url=FASHION_URL):
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+# The algorithm: ADM's centre crop (openai/guided-diffusion, guided_diffusion/image_datasets.py).
 def center_crop_adm(image, size):
-    """ADM's centre crop, the releases' preprocessing (docs/algorithm.md §12): halve with a box
-    filter while the short side is at least 2 * size, resize (bicubic) so that the short side is
-    size, each side rounded, then cut the centre. PIL image -> uint8 array (size, size, C)."""
+    """The releases' preprocessing (docs/algorithm.md §12): the centre of the image scaled to a
+    short side of size. PIL image -> uint8 array (size, size, C)."""
+    # Box-filter halvings while the short side stays at least 2 * size: cheap, and the pixels the
+    # releases were trained on went through them.
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        width, height = image.size
+        image = image.resize((width // 2, height // 2), resample=Image.BOX)
+    # Then one bicubic resize to a short side of size, each side rounded to the nearest pixel.
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image)
-    top = (array.shape[0] - size) // 2
-    left = (array.shape[1] - size) // 2
-    return array[top:top + size, left:left + size]
+    width, height = (round(side * scale) for side in image.size)
+    pixels = np.asarray(image.resize((width, height), resample=Image.BICUBIC))
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return pixels[top:top + size, left:left + size]
 
 
 class ImageFolder(torch.utils.data.Dataset):
