@@ -81,8 +81,9 @@ def load_cache(path, ckpt, split, data):
 @torch.no_grad()
 def encode_dataset(model, dataset, batch_size=256, show_progress=True, workers=0, flipped=False):
     """Token grids of every image -> tokens (M, h*w) int16/int32, labels (M,), and with flipped=True
-    the tokens of every image mirrored left-right (else None); on the model's device in fp32 (lower
-    precision could move a latent to another nearest code)."""
+    the tokens of every image mirrored left-right (else None); on the model's device, with fp32
+    weights. On a GPU the convolutions run in TF32 (cuDNN's default; train.py turns it on for
+    matmuls too), whose 10-bit mantissas could move a latent to another nearest code."""
     tokens = []
     mirrored = []
     labels = []
