@@ -39,6 +39,7 @@ import inception
 SPATIAL_SIZE = 17 * 17 * inception.SPATIAL_CHANNELS
 # ADM's blocks of rows and columns for pairwise distances: its float32 fallback is decided per block
 ADM_BLOCK = 10_000
+
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
@@ -145,7 +146,8 @@ def _squared_distances(u, v):
 
 def adm_radii(feats, k=3, block=ADM_BLOCK):
     """Each point's squared distance to its k-th nearest neighbour: the (k+1)-th smallest in its
-    row, its own (about 0) included; rows in blocks, each against the columns block by block."""
+    row, its own (about 0) included; rows in blocks, each against the columns block by block
+    (block x N float32 at a time, as ADM's evaluator holds)."""
     k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
     radii = []
     for i in range(0, len(feats), block):
@@ -326,8 +328,8 @@ def distance_to_reference(metric, feats, ref_feats, stored, ref_path):
     mean, cov, _ = STATISTICS[metric]
     name = os.path.basename(ref_path)
     if stored is None:
-        print(f"note: {ref_path} stores no {mean} / {cov}: the {metric} reference statistics are "
-              f"computed from its {len(ref_feats)} images (not comparable with published values)")
+        print(f"note: {ref_path} stores no {mean} / {cov}: its {metric} statistics are computed "
+              f"from its {len(ref_feats)} images (not comparable with published numbers)")
     mu, sigma = stored or (ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
     source = (f"{mean}/{cov} stored in {name}" if stored else
               f"computed from the {len(ref_feats)} images of {name}")

@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-# The guidance schedule (start, end) of sample.py and of train.py's grid: on the demo model 1->4
-# beat 1->3 (docs/experiments.md (f)).
+# The guidance schedule (start, end) of sample.py and of train.py's sample grid, the demo's best
+# (docs/experiments.md (f)).
 DEFAULT_CFG = (1.0, 4.0)
 
 

@@ -155,8 +155,8 @@ def resize_like_tensorflow(x, size):
 @contextlib.contextmanager
 def full_float32():
     """TF32 off for CUDA matmuls and cuDNN convolutions, the previous settings restored afterwards.
-    cuDNN's convolutions default to TF32, which keeps 10 mantissa bits of their inputs: the
-    features would move by far more than float32 rounding."""
+    cuDNN's convolutions default to TF32, which keeps 10 of float32's 23 mantissa bits of their
+    inputs: the features, and every metric on them, would depend on the GPU's generation."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

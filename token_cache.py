@@ -1,10 +1,9 @@
-"""train.py's first stages: the tokenizer (trained on rank 0 when there is none), then the token
-cache, every image encoded once by all ranks together on their devices, and the reading of that
-cache during training.
+"""The token cache, train.py's first stages. Rank 0 trains the tokenizer when there is none; then
+all ranks together encode every image once, on their devices; then training reads the cache.
 
-An ImageFolder's training split is stored as the releases' was (docs/algorithm.md §12): every
-image's codes as is and of its mirror image (`tokens`, `tokens_flipped`), one of the two taken at
-each read.
+An ImageFolder's training split is stored as the releases stored theirs (docs/algorithm.md §12).
+Each image has the codes of the image itself (`tokens`) and of its mirror image
+(`tokens_flipped`), and each read takes one of the two.
 """
 
 import os

@@ -1,11 +1,11 @@
-"""A small VQ tokenizer (LlamaGen's VQGAN-family autoencoder) and the image data it reads.
+"""A small VQ tokenizer: LlamaGen's VQGAN-family autoencoder, and its training.
 
-Pixels in [-1, 1] -> encoder -> 1x1 conv to a low-dimensional latent -> nearest l2-normalised code
--> decoder. Module names follow LlamaGen, so its published VQ-16 weights (`vq_ds16_c2i.pt`, state
-dict under "model") load strictly into the `llamagen-vq16` preset. No command of its own: `python
-train.py` trains it (train_tokenizer, reporting PSNR and codebook usage on the held-out split) as
-its first stage, then encodes the dataset to tokens (train.encode_split) before RandAR trains on
-them.
+Pixels in [-1, 1] go through the encoder, a 1x1 conv to a low-dimensional latent, the nearest
+l2-normalised code and the decoder. Module names follow LlamaGen, so its published VQ-16 weights
+(`vq_ds16_c2i.pt`, state dict under "model") load strictly into the `llamagen-vq16` preset. The
+file has no command of its own. `python train.py` trains the tokenizer as its first stage
+(train_tokenizer, which reports PSNR and codebook usage on the held-out split); token_cache.py then
+encodes the dataset to tokens before RandAR trains on them.
 """
 import math
 import os
@@ -375,7 +375,6 @@ def train_tokenizer(out_dir, data="fashion-mnist", data_dir=None, image_size=32,
     return ckpt_path
 
 
-@torch.no_grad()
 def repeat_epochs(loader, what):
     """The batches of loader, epoch after epoch, for a loop that stops after a number of steps. An
     epoch that yields no batch (a dataset smaller than one batch, with drop_last) is an error, not
@@ -390,6 +389,7 @@ def repeat_epochs(loader, what):
                              f"batch size {loader.batch_size}, incomplete batches dropped)")
 
 
+@torch.no_grad()
 def reinit_dead_codes(model, code_hits, x):
     """Codes unused since the last call get the latents of random recent inputs, so usage stays
     high."""
@@ -412,7 +412,7 @@ def save_reconstructions(model, images, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands
+# Checks and evaluation
 
 def check_fits(cfg, dataset):
     C, H, W = dataset[0][0].shape
