@@ -14,9 +14,9 @@ benchmark.
         --config randar_xl_0.7b_llamagen.yaml --vq-ckpt vq_ds16_c2i.pt \
         --per-class 50 --out-npz samples.npz
 
-Every image comes from generate.generate: the order, the number of steps and the known tokens
-(editing, docs/algorithm.md §7) are its arguments. Sections: loading, the FID protocol's sampler,
-figures, editing, commands.
+Every image comes from generate.generate (fast.generate_compiled with --compile): the order, the
+number of steps and the known tokens (editing, docs/algorithm.md §7) are its arguments. With
+--out-npz, grid writes the FID protocol's images through sample_ddp.py.
 """
 import argparse
 import itertools
@@ -78,8 +78,8 @@ def check_classes(classes, model):
 
 
 # ----------------------------------------------------------------------------------------------
-# grid / npz: the FID protocol's sampler. Images come in chunks of --batch-size, chunk c seeded by
-# (--seed, c), so the result does not depend on the number of processes or on interruptions.
+# Figures. Images come in chunks of --batch-size, chunk c seeded by (--seed, c), so a figure shows
+# the same images as the npz of the same command.
 
 def grid(model, vq, args):
     classes = check_classes(args.classes, model)

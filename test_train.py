@@ -530,6 +530,24 @@ def test_a_release_yaml_gives_the_release_recipe_and_flags_override_it(recipe_fx
     assert str(path) in message and "--steps" in message and "'-5'" in message
 
 
+def test_a_release_yaml_sets_order_and_ema_and_refuses_another_precision(tmp_path):
+    """The YAML keys that change the recipe: position_order becomes --order, ema with ema_decay
+    becomes --ema, and a mixed precision other than bf16 is refused in one line."""
+    path = tmp_path / "release.yaml"
+    release = RELEASE_YAML.format(**L_RELEASE)
+    path.write_text(release.replace("position_order: random", "position_order: raster"))
+    assert train.parse_args(["--config", str(path)]).order == "raster"
+    path.write_text(release.replace("position_order: random", "position_order: spiral"))
+    message = cli("train.py", "--config", path)
+    assert str(path) in message and "--order" in message and "spiral" in message
+    path.write_text(release.replace("ema: False", "ema: True\nema_decay: 0.9999"))
+    assert train.parse_args(["--config", str(path)]).ema == 0.9999
+    path.write_text(release.replace("ema: False", "ema: True"))
+    assert "ema_decay is missing" in cli("train.py", "--config", path)
+    path.write_text(release.replace("mixed_precision: bf16", "mixed_precision: fp16"))
+    assert "accelerator.mixed_precision is 'fp16'" in cli("train.py", "--config", path)
+
+
 def test_the_release_recipe_in_miniature(recipe_fx, tmp_path):
     """The README's ImageNet command with a release YAML's structure and small numbers: a synthetic
     ImageFolder (ADM crops, codes of each image and of its mirror image), a tiny model from the
