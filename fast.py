@@ -5,8 +5,8 @@ knows about the compiler.
     tokens = generate_compiled(model, labels, steps=88, cfg_scale=(1.0, 4.0))
 
 On a GPU the step runs as CUDA graphs. On the CPU inductor freezes the weights into the graph,
-writes the attention out so that it fuses, and calls the graph through a C++ wrapper
-(docs/experiments.md (g) measures what each buys).
+traces the attention written out so that it fuses (docs/experiments.md (g) measures this choice),
+and calls the graph through a C++ wrapper.
 """
 import contextlib
 import itertools
