@@ -197,7 +197,7 @@ def yaml_scalar(text):
 # ----------------------------------------------------------------------------------------------
 # A release's training recipe: `train.py --config <release>.yaml` stands for flags.
 
-# YAML key -> flag; the YAML's model (ar_model.params) is read by model_config
+# YAML key -> flag; train.model_config reads the YAML's model (ar_model.params)
 RELEASE_FLAGS = {
     "optimizer.lr": "--lr",
     "optimizer.weight_decay": "--weight-decay",

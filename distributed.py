@@ -35,9 +35,11 @@ def setup_distributed(device="auto", timeout_s=1800):
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
 
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
 
 def gather(obj, world):
     """One object per rank, in rank order."""
@@ -46,8 +48,10 @@ def gather(obj, world):
         dist.all_gather_object(objs, obj)
     return objs
 
+
 def rank0_decides(fn, rank):
-    """fn() on rank 0, its result (or its error) given to every rank, so no rank goes on alone."""
+    """Runs fn() on rank 0 and gives its result, or its error, to every rank, so that no rank goes
+    on alone."""
     result = [None, None]
     if rank == 0:
         try:
@@ -60,10 +64,11 @@ def rank0_decides(fn, rank):
         raise result[1]
     return result[0]
 
+
 class FolderLock:
-    """`<folder>/lock`, flock-held while the job runs and naming its pid and host: a second job is
-    refused in one line; the kernel drops a dead process's flock, so the next job takes the folder
-    over."""
+    """`<folder>/lock`, held with flock while the job runs, names the job's pid and host. A second
+    job is refused in one line. The kernel drops a dead process's flock, so the next job takes the
+    folder over."""
 
     def __init__(self, folder, what):
         os.makedirs(folder, exist_ok=True)

@@ -43,6 +43,7 @@ ADM_BLOCK = 10_000
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
+
 def load_images(path):
     """An .npz's arr_0 (uint8 NHWC, C = 1 or 3: what sample.py writes and the ADM evaluator reads),
     memory-mapped: Inception reads it a batch at a time."""
@@ -292,8 +293,8 @@ def fashion_classifier(data_dir=None):
     if not os.path.isfile(cached):
         files.save_atomic({"model": train_fashion_classifier(data_dir).state_dict()}, cached)
     model = FashionNet()
-    model.load_state_dict(checkpoints.load_torch_file(cached,
-                                                 "Fashion-MNIST classifier")["model"], strict=True)
+    state = checkpoints.load_torch_file(cached, "Fashion-MNIST classifier")["model"]
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 

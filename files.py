@@ -25,6 +25,7 @@ def check_output(path):
         raise PermissionError(f"output {path} cannot be written ({folder} "
                               "is not a writable folder)")
 
+
 def temp_path(path):
     """A temporary name beside path (same folder: the final rename is atomic); the folder is
     created."""
@@ -32,6 +33,7 @@ def temp_path(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
     return f"{root}.tmp{os.getpid()}{ext}"
+
 
 def remove_stale_temps(path):
     """The temporaries of path that write_atomic leaves when its process is killed mid-write. Only
@@ -41,6 +43,15 @@ def remove_stale_temps(path):
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if re.fullmatch(re.escape(root) + r"\.tmp\d+" + re.escape(ext), name):
             os.remove(os.path.join(folder, name))
+
+
+def remove_temporaries(folder):
+    """Every temporary that write_atomic left in folder when its process was killed mid-write.
+    Only for a folder no other live process writes (the caller holds its lock)."""
+    for name in os.listdir(folder):
+        if re.search(r"\.tmp\d+(\.\w+)?$", name):
+            os.remove(os.path.join(folder, name))
+
 
 class WriteErrors:
     """A file that keeps the OSError of a failed write: torch.save's RuntimeError would hide why
@@ -59,6 +70,7 @@ class WriteErrors:
 
     def __getattr__(self, name):
         return getattr(self.f, name)
+
 
 def write_atomic(write, path):
     """write(file object) into a temporary file, flushed to disk, then renamed onto path: a crash or
@@ -84,13 +96,16 @@ def write_atomic(write, path):
         if os.path.lexists(tmp):
             os.remove(tmp)
 
+
 def save_png(image, path):
     """An image, in the format its extension names (PNG when it names none Pillow knows)."""
     kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
     write_atomic(lambda f: image.save(f, format=kind), path)
 
+
 def save_atomic(obj, path):
     write_atomic(lambda f: torch.save(obj, f), path)
+
 
 def file_fingerprint(path, block=1 << 20):
     """Size and SHA-256 of the first and last MiB: cheap for a 1 GB checkpoint, changes when it is
@@ -126,10 +141,12 @@ def write_npz(f, members):
                     raise ValueError(f"npz member {name}: got {written} values "
                                      f"for shape {tuple(shape)}")
 
+
 def save_atomic_npz(path, **arrays):
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     write_atomic(lambda f: write_npz(f,
                                      {k: (a.dtype, a.shape, [a]) for k, a in arrays.items()}), path)
+
 
 def npz_names(path):
     """The array names in an .npz, without reading any of them."""
@@ -139,6 +156,7 @@ def npz_names(path):
     except (OSError, zipfile.BadZipFile) as e:
         cause = f"{type(e).__name__}: {str(e)[:80]}"
         raise ValueError(f"{path} is not a readable .npz ({cause})") from None
+
 
 def npz_array(path, name):
     """One array of an .npz: memory-mapped when the member is stored uncompressed (np.savez,

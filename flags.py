@@ -23,6 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         sys.exit(f"error: {self.prog.split()[-1] if ' ' in self.prog else self.prog}: {message}")
 
+
 def in_range(kind, low, high=math.inf, open_low=False, open_high=False):
     """An argparse type: an int or float in [low, high] (an end excluded when open_*); NaN never
     passes."""
@@ -48,9 +49,9 @@ probability = in_range(float, 0, 1, open_high=True)
 
 
 def run(main, args, errors=(ValueError, FileNotFoundError, OSError)):
-    """A script's entry point: the threads the environment set (torchrun: per worker), else every
-    core; an expected failure, or under torchrun a failed collective (a rank died or stalled), is
-    one line `error: ...`, status 1."""
+    """A script's entry point. It uses the threads the environment sets (torchrun sets them per
+    worker), else every core. An expected failure, or under torchrun a failed collective (a rank
+    died or stalled), ends the script with one line `error: ...` and status 1."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     try:

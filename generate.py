@@ -38,6 +38,7 @@ def generate(model, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), te
     """
     grid = model.config.grid if grid is None else grid
     N = grid * grid
+    # the arguments as tensors, bad ones refused in one line (check_generate: end of file)
     labels, order, known = check_generate(model, labels, order, known, N, steps, grid,
                                           ntk_boundary, temperature, top_k, top_p, cfg_scale,
                                           spatial_cfg_scale)
@@ -46,13 +47,12 @@ def generate(model, labels, order="random", steps=None, cfg_scale=(1.0, 1.0), te
     K = positions.size(1)
     if K == N:
         return canvas
-    per_step = decoding_schedule(N - K, N if steps is None else steps)
+    schedule = decoding_schedule(N - K, N if steps is None else steps)  # tokens per step
     generated = canvas.gather(1, order)  # [B, N] in generation order; the first K are known
-    guidance = guidance_rows(model, labels, generated[:, :K], cfg_scale, spatial_cfg_scale,
-                             generator)
+    guidance = guidance_rows(model, labels, K, cfg_scale, spatial_cfg_scale, generator)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     rope = rope_for_grid(model, grid, ntk_boundary)
-    out = decode(model, rope, order, generated, per_step, guidance, sampling, callback,
+    out = decode(model, rope, order, generated, schedule, guidance, sampling, callback,
                  decode_step or model.decode_step)
     return torch.empty_like(out).scatter_(1, order, out)  # back to raster layout
 
@@ -135,19 +135,20 @@ class Guidance(NamedTuple):
         return cfg, start + (end - start) * filled
 
 
-def guidance_rows(model, labels, prefix, cfg_scale, spatial_cfg_scale, generator):
-    """The row groups: [cond] alone; [cond; uncond] for CFG when the final scale exceeds 1; or, for
-    spatial CFG, [cond; uncond; uncond with floor(K/2) of the K known token embeddings zeroed per
-    sample, chosen by a random permutation]."""
+def guidance_rows(model, labels, K, cfg_scale, spatial_cfg_scale, generator):
+    """The row groups. Without guidance, [cond] alone. With CFG, when the final scale exceeds 1,
+    [cond; uncond]. With spatial CFG, [cond; uncond; uncond with floor(K/2) of the K known token
+    embeddings zeroed per sample, chosen by a random permutation]."""
     null = torch.full_like(labels, model.config.num_classes)
     if cfg_scale[-1] <= 1:
         return Guidance(labels, None, 1, cfg_scale, None)
     if spatial_cfg_scale is None or spatial_cfg_scale[-1] <= 1:
         return Guidance(torch.cat([labels, null]), None, 2, cfg_scale, None)
-    B, K = prefix.shape
-    dropped = torch.rand(B, K, device=prefix.device, generator=generator).argsort(dim=1)[:, :K // 2]
-    weak = torch.ones(B, K, device=prefix.device).scatter_(1, dropped, 0.0)
-    keep = torch.cat([torch.ones(2 * B, K, device=prefix.device), weak])
+    B = labels.size(0)
+    device = labels.device
+    dropped = torch.rand(B, K, device=device, generator=generator).argsort(dim=1)[:, :K // 2]
+    weak = torch.ones(B, K, device=device).scatter_(1, dropped, 0.0)
+    keep = torch.cat([torch.ones(2 * B, K, device=device), weak])
     return Guidance(torch.cat([labels, null, null]), keep, 3, cfg_scale, spatial_cfg_scale)
 
 

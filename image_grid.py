@@ -28,6 +28,7 @@ def image_grid(images_uint8, nrow, row_labels=(), pad=2, scale=1, col_labels=())
         draw.text((label_width + c * (W + pad) + 2, 0), text, fill=0)
     return canvas
 
+
 def row_label_width(labels):
     """Pixels for row labels in PIL's default font (about 6 px a character) and a margin."""
     return 6 * max((len(line) for text in labels for line in text.split("\n")), default=0) + 8

@@ -5,8 +5,9 @@ Pang et al., "RandAR: Decoder-only Autoregressive Visual Generation in Random Or
 A LLaMA-style GPT (as in LlamaGen) with one extra input: before each image token the model sees
 a *position instruction* token PI(p), a learned vector rotated by the 2D RoPE of the position p it
 must predict next (docs/algorithm.md §3). Trained on random orders, the same weights decode in any
-order. This file is the network: training forward, KV cache, and the cached forward (prefill, one
-decode step) that generate.py's decoding loop drives.
+order. This file is the network: the training forward, the KV cache, and the cached forward
+(prefill and one decode step) that generate.py's decoding loop drives. The argument checks sit at
+the end.
 
 Sequence layout for an image of N tokens generated in order pi (one slot per column):
 
@@ -144,14 +145,14 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Per-layer key/value slots (B, H, S, hd), written by row and slot index: parallel decoding
-    rewrites some slots (docs/algorithm.md §4), with no special case. Non-persistent buffers, never
-    in the state dict."""
+    """Per-layer key/value slots (B, H, S, hd), written by row and slot index. Parallel decoding
+    rewrites some slots (docs/algorithm.md §4), and index writes need no special case for it. The
+    buffers are not persistent, so they never enter the state dict."""
     def __init__(self, batch, heads, slots, head_dim, dtype, device):
         super().__init__()
         shape = (batch, heads, slots, head_dim)
-        # zeros, not empty: masked slots still enter attention as 0 * value, and NaN garbage would
-        # leak
+        # Zeros, not empty: masked slots still enter attention as 0 * value, and NaN garbage would
+        # leak through.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -329,10 +330,11 @@ class RandAR(nn.Module):
     # ---- training (docs/algorithm.md §3) ---------------------------------------------------------
 
     def forward(self, tokens, labels, order=None):
-        """Teacher-forced training forward. tokens [B, N] in raster layout, labels [B] (the null
-        class num_classes allowed: the unconditional model). Returns logits [B, N, V] in generation
-        order (row k predicts t[order[k]]) and the mean cross-entropy over all N predictions, read
-        at the PI slots 1, 3, ..."""
+        """Teacher-forced training forward. tokens [B, N] are in raster layout; labels [B] may hold
+        the null class num_classes, which trains the unconditional model. Returns logits [B, N, V]
+        in generation order (row k predicts t[order[k]]) and the mean cross-entropy over all N
+        predictions, read at the PI slots 1, 3, ... The arguments are checked at the end of the
+        file (check_forward)."""
         labels, order = check_forward(self.config, tokens, labels, order, self.rope.device)
         B, N = tokens.shape
         order = make_order(order, B, N, self.rope.device)
@@ -345,9 +347,9 @@ class RandAR(nn.Module):
     # ---- the cached forward that generate.py drives (docs/algorithm.md §4) ----------------------
 
     def setup_caches(self, batch, slots, dtype, device):
-        """K/V caches for at least `batch` rows and `slots` slots, grown but never shrunk until
-        free_caches(): smaller calls use the first rows and slots, so a compiled step sees the same
-        buffers at every call."""
+        """K/V caches for at least `batch` rows and `slots` slots. They grow but never shrink until
+        free_caches(), and smaller calls use the first rows and slots, so a compiled step sees the
+        same buffers at every call."""
         old = self.layers[0].attention.kv_cache
         if old is not None and (old.k.dtype, old.k.device) == (dtype, device):
             if old.k.size(0) >= batch and old.k.size(2) >= slots:
@@ -377,10 +379,13 @@ class RandAR(nn.Module):
         return self.head(self.transformer(x, x_rope, slots, read)[:, -n_queries:])
 
     def decode_step(self, rope, order, generated, feed):
-        """One decode step, a generate.Feed: generated [B, N] holds the tokens in generation order
-        (only indices already sampled are read). Shapes set by the schedule alone and no host
-        synchronisation: the function torch.compile sees. Returns logits [B, m, V] at the feed's
-        queries."""
+        """One decode step, planned by generate.feed_plan. The feed names, for each of its L items,
+        the generation index it shows (gen_index), whether it is that index's PI token or its
+        sampled token (is_pi) and its cache slot (slots); queries are the items whose logits are
+        read, and read is how many cache slots attention reads. generated [B, N] holds the tokens
+        in generation order; only indices already sampled are read. Every shape comes from the
+        schedule and nothing is read back to the host, so this is the function torch.compile
+        sees. Returns logits [B, m, V] at the feed's queries."""
         positions = order[:, feed.gen_index]  # (B, L) raster position each fed item belongs to
         x = torch.where(feed.is_pi[:, None], self.position_instructions(positions, rope),
                         self.tok_embeddings(generated[:, feed.gen_index]))
@@ -392,10 +397,10 @@ class RandAR(nn.Module):
     @torch.no_grad()
     def features(self, tokens, kind="bidirectional"):
         """Per-position features [B, N, D] of images given as tokens [B, N] (raster layout), after
-        the last block and the final norm, under the null class (the features are not told the
-        answer). 'bidirectional': the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)], then
-        PI(p) for every p again, read at that second pass (it has seen every token); 'causal': one
-        raster pass read at E(t_p)."""
+        the last block and the final norm, under the null class, so the features are not told the
+        answer. 'bidirectional' feeds the whole image [CLS, PI(0), E(t_0), ..., PI(N-1), E(t_N-1)],
+        then PI(p) for every p again, and reads that second pass, which has seen every token.
+        'causal' feeds one raster pass and reads it at E(t_p)."""
         B, N = tokens.shape
         assert kind in ("bidirectional", "causal"), f"unknown kind of features {kind!r}"
         assert N == self.config.block_size, f"tokens must be [B, {self.config.block_size}]"

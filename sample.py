@@ -36,12 +36,11 @@ import fast
 import files
 import flags
 import image_data
-import image_grid
 import tokenizer as tok
 from checkpoints import load_model
-from generate import generate
+from image_grid import image_grid
 from randar import PRESETS, RandAR, make_order
-from sample_ddp import decode_images, generate_batched, sample_to_npz, sampling_kwargs
+from sample_ddp import decode_images, decoder, generate_batched, sample_to_npz, sampling_kwargs
 
 
 def load_run(args):
@@ -96,7 +95,7 @@ def grid(model, vq, args):
     else:
         return
     names = image_data.class_names(args.data, classes)
-    figure = image_grid.image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names)
+    figure = image_grid(images, nrow=args.per_class, scale=args.scale, row_labels=names)
     save_figure(figure, args.out or default_out(args))
 
 
@@ -122,8 +121,7 @@ def compare(model, vq, args):
                                                   order=order, steps=steps)
         tokens.append(row_tokens)
         images.append(row_images)
-    figure = image_grid.image_grid(torch.cat(images), nrow=len(labels), row_labels=names,
-                               scale=args.scale)
+    figure = image_grid(torch.cat(images), nrow=len(labels), row_labels=names, scale=args.scale)
     save_figure(figure, args.out or default_out(args))
     return names, tokens
 
@@ -143,7 +141,7 @@ def animate(model, vq, args):
         # drawn here: every frame knows which positions are filled
         order = make_order(kind, 1, N, args.device, g)
         counts = []
-        decode = fast.generate_compiled if args.compile else generate
+        decode = decoder(args)
         with args.ctx:
             tokens = decode(model, label, generator=g,
                             callback=lambda step, logits, new: counts.append(new.size(1)),
@@ -166,9 +164,8 @@ def write_gif(movies, path, scale):
     """The movies side by side, one frame per step of the longest; a finished movie holds its last
     frame."""
     names, movies = zip(*movies)
-    frames = [image_grid.image_grid(torch.stack([m[min(t, len(m) - 1)] for m in movies]),
-                                nrow=len(movies), scale=scale,
-                                col_labels=names) for t in range(max(map(len, movies)))]
+    frames = [image_grid(torch.stack([m[min(t, len(m) - 1)] for m in movies]), nrow=len(movies),
+                         scale=scale, col_labels=names) for t in range(max(map(len, movies)))]
     durations = [150] * (len(frames) - 1) + [1500]  # hold the finished images a moment
     files.write_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True,
                                                  append_images=frames[1:],
@@ -251,7 +248,7 @@ def edit(model, vq, args):
     # outpaint shifts the input
     kept = "kept" if args.command == "inpaint" else f"kept, moved {args.extend} px"
     names = ["original", "mask", kept] + [f"result {i + 1}" for i in range(n)]
-    figure = image_grid.image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=names)
+    figure = image_grid(panels, nrow=n + 3, scale=args.scale, col_labels=names)
     save_figure(figure, args.out or default_out(args))
     return tokens, known
 
@@ -276,9 +273,9 @@ def extrapolate(model, vq, args):
     up = base_images.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     # base, extrapolated, base, extrapolated, ...
     pairs = torch.stack([up, big], dim=1).flatten(0, 1)
-    save_figure(image_grid.image_grid(pairs, nrow=2 * args.per_class, scale=args.scale,
-                                  col_labels=["base", "extrapolated"] * args.per_class),
-                args.out or default_out(args))
+    names = ["base", "extrapolated"] * args.per_class
+    figure = image_grid(pairs, nrow=2 * args.per_class, scale=args.scale, col_labels=names)
+    save_figure(figure, args.out or default_out(args))
     return base, big_tokens
 
 

@@ -1,7 +1,7 @@
-"""The FID protocol's images: `sample.py grid --out-npz`, sharded over the ranks, resumable, and
-written as the ADM evaluator's .npz. Images come in chunks of --batch-size, and chunk c draws from a
-generator seeded by (--seed, c), so the images depend neither on the number of processes nor on
-interruptions.
+"""Images in seeded chunks, which every figure of sample.py uses, and the FID protocol's images
+(`sample.py grid --out-npz`): sharded over the ranks, resumable, and written as the ADM evaluator's
+.npz. Images come in chunks of --batch-size, and chunk c draws from a generator seeded by
+(--seed, c), so the images depend neither on the number of processes nor on interruptions.
 
     torchrun --nproc_per_node=8 sample.py grid --ckpt <run>/last.pt --per-class 50 \
         --out-npz samples.npz
@@ -27,6 +27,11 @@ def decode_images(vq, tokens, grid):
     return vq.decode_images(tokens.view(-1, grid, grid)).cpu()  # (B, C, H, W) uint8
 
 
+def decoder(args):
+    """generate, or fast.generate_compiled with --compile."""
+    return fast.generate_compiled if args.compile else generate
+
+
 def sampling_kwargs(args, **overrides):
     kw = dict(order=getattr(args, "order", "random"), steps=getattr(args, "steps", None),
               cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
@@ -36,9 +41,9 @@ def sampling_kwargs(args, **overrides):
 
 def generate_batched(model, vq, labels, args, known=None, desc="sampling", first_chunk=0, **kw):
     """Tokens and images for every label in chunks of --batch-size. Chunk c draws from its own
-    generator seeded (--seed, c): the images do not depend on how chunks are spread over processes.
-    desc None: no progress bar."""
-    decode = fast.generate_compiled if args.compile else generate
+    generator seeded (--seed, c), so the images do not depend on how chunks are spread over
+    processes. desc None shows no progress bar."""
+    decode = decoder(args)
     tokens = []
     for i in tqdm(range(0, len(labels), args.batch_size), desc=desc,
                   disable=args.rank != 0 or desc is None):
@@ -69,10 +74,8 @@ def sample_to_npz(model, vq, labels, args):
     # rank 0: one job per parts folder, the same settings as the chunks on disk, what is left
     def start():
         lock.append(distributed.FolderLock(parts, "parts folder"))
-        # temporaries of a killed run: chunks, and the npz being assembled
-        for name in os.listdir(parts):
-            if ".tmp" in name:
-                os.remove(os.path.join(parts, name))
+        # the temporaries of a killed run: chunks, and the npz being assembled
+        files.remove_temporaries(parts)
         files.remove_stale_temps(args.out_npz)
         check_settings(parts, model, labels, args)
         return [c for c in range(n_chunks) if not os.path.exists(chunk_path(parts, c))]

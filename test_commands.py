@@ -14,6 +14,7 @@ from conftest import FIXTURES, HERE, SCRIPTS, cli
 
 # ---- every script's command line, and the code base ----------------------------------------------
 
+
 class Hostile:
     """Pickles to a call of os.system: a loader that ran it would create the file PWNED."""
     def __reduce__(self):

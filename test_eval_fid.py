@@ -24,6 +24,7 @@ from conftest import (
 # ---- eval_fid.py: FID, precision / recall, the Fashion-MNIST scorer; the linear probe
 # (docs/figures.py)
 
+
 def test_frechet_distance_matches_the_closed_form():
     rng = np.random.default_rng(0)
     mu1 = rng.normal(size=5)

@@ -22,12 +22,14 @@ def test_written_out_attention_equals_sdpa(heads, kv_heads, T, S):
                                                             enable_gqa=heads != kv_heads)
     assert (fast.written_out_attention(q, k, v, attn_mask=mask) - want).abs().max() < 1e-5
 
+
 @pytest.fixture(scope="module")
 def model_compiled_once():
     """One tiny model whose decode step goes through torch.compile (inductor on CPU) once for the
     module; one layer, since compiling (C++ builds) dominates these tests' time and every layer
     runs the same code."""
     return random_gpt(seed=8, n_layer=1)
+
 
 @pytest.mark.parametrize("kw", [dict(steps=3, cfg_scale=(1.0, 3.0)),
                                 dict(steps=7, grid=8, known=True, spatial_cfg_scale=(1.0, 2.0))])
@@ -52,6 +54,7 @@ def test_compiled_decoding_gives_the_eager_tokens(model_compiled_once, kw):
     # relative: CFG 4 scales
     assert all((x - y).abs().max() <= 1e-5 * max(1.0, x.abs().max()) for x, y in zip(la, lb))
 
+
 def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
     """At N = 256 (a 16x16 grid) with CFG, the paper's 88 steps and one token per step, at batch 2
     and 1: the compiled tokens equal the eager ones, from 2 to 8 graphs (some: a model whose graphs
@@ -75,6 +78,7 @@ def test_compiled_decoding_needs_no_new_graphs_for_new_schedules():
         draw(labels, steps, True)
     assert counters["stats"]["unique_graphs"] == warm
 
+
 def test_compiled_decoding_follows_weights_loaded_after_compiling(model_compiled_once):
     """On the CPU the compiled step holds the weights as constants (freezing): weights loaded into
     the model afterwards must reach it (same generator: the eager tokens of the new weights). The
@@ -90,6 +94,7 @@ def test_compiled_decoding_follows_weights_loaded_after_compiling(model_compiled
     model.load_state_dict(random_gpt(seed=10, n_layer=1).state_dict())
     new_tokens = draw(False)
     assert not torch.equal(new_tokens, old_tokens) and torch.equal(draw(True), new_tokens)
+
 
 def test_compiling_refuses_weights_made_in_inference_mode():
     """Inference tensors keep no version counter: a change to them could not reach the frozen

@@ -1,13 +1,11 @@
-"""Tests: ours == the reference's numbers, fast paths == slow paths, real commands end to end.
+"""The claims a learner reads beside the core (randar.py, generate.py): our numbers equal the
+reference's, cached and parallel decoding equal the teacher-forced forward, and the two files run
+with torch alone.
 
     python -m pytest -q test_randar.py
 
-The reference's golden outputs live in fixtures/ (see docs/algorithm.md §11): a clone checks itself.
-Sections follow the code: the model, decoding (the reference's numbers; fast paths against the slow
-computation), tokenizer, train.py, sampling and the FID protocol, eval_fid.py, every script's
-command line and the code base. Commands run in this process through each script's `cli`; child
-processes only where the process boundary is the point (kills, torchrun, timeouts, locks) and once
-per script.
+The reference's golden outputs live in fixtures/ (docs/algorithm.md §11), so a clone checks itself.
+The model's tests come first, then decoding's. The other test files are named for what they test.
 """
 import hashlib
 import json
@@ -28,6 +26,7 @@ from generate import decoding_schedule, feed_plan, filter_logits, generate, samp
 from randar import RandAR, RandARConfig, apply_rope, rope_table_2d
 
 # ---- model (randar.py): the reference's numbers, the training forward, the features --------------
+
 
 def test_state_dict_matches_reference(fx):
     model = reference_gpt(fx)
@@ -52,7 +51,7 @@ def test_training_forward_matches_reference(fx):
 def test_official_safetensors_and_yaml_give_the_reference_logits():
     """The released format (safetensors + YAML), through the loader sample.py uses."""
     model, _ = checkpoints.load_model(os.path.join(FIXTURES, "randar_tiny_official.safetensors"),
-                                 config=os.path.join(FIXTURES, "randar_tiny_official.yaml"))
+                                      config=os.path.join(FIXTURES, "randar_tiny_official.yaml"))
     expected = torch.load(os.path.join(FIXTURES,
                                        "randar_tiny_official_expected.pt"), weights_only=True)
     logits, _ = model(expected["tokens"], expected["labels"], order=expected["order"])
@@ -193,9 +192,9 @@ def test_schedules_match_reference(fx):
 
 
 def test_schedules_match_the_references_own_function_for_every_n_below_300():
-    """fixtures/schedules.json (from the reference's function,
-    ../shared/release_fixtures/README.md): per N, the SHA-256 of its schedules for steps 1..N, each
-    comma-joined, joined by ';'."""
+    """fixtures/schedules.json, made by the reference's own schedule function (docs/algorithm.md
+    §11), holds per N the SHA-256 of its schedules for steps 1..N, each comma-joined, joined by
+    ';'."""
     ref = json.load(open(os.path.join(FIXTURES, "schedules.json")))
     def schedule_hash(n):
         schedules = (",".join(map(str, decoding_schedule(n, steps))) for steps in range(1, n + 1))
@@ -252,8 +251,9 @@ def test_guidance_is_applied_iff_the_final_scale_exceeds_one(cfg_scale, spatial,
 def test_spatial_guidance_zeroes_exactly_half_of_the_context_embeddings():
     model = random_gpt(seed=6)
     prefix = torch.randint(0, 32, (3, 7))
-    labels, keep, groups, *_ = gen.guidance_rows(model, torch.tensor([1, 2, 3]), prefix, (1.0, 3.0),
-                                                 (1.0, 2.5), torch.Generator().manual_seed(0))
+    labels, keep, groups, *_ = gen.guidance_rows(model, torch.tensor([1, 2, 3]), prefix.size(1),
+                                                 (1.0, 3.0), (1.0, 2.5),
+                                                 torch.Generator().manual_seed(0))
     assert groups == 3 and labels.tolist() == [1, 2, 3, 10, 10, 10, 10, 10, 10]
     # floor(7 / 2) per sample
     assert keep[:6].eq(1).all() and keep[6:].eq(0).sum(1).tolist() == [3, 3, 3]
@@ -264,8 +264,6 @@ def test_spatial_guidance_zeroes_exactly_half_of_the_context_embeddings():
     x_zero, _ = model.pairs(positions, prefix[:1], model.rope, keep=torch.zeros(1, 7))
     x_tok0, _ = model.pairs(positions, torch.zeros(1, 7, dtype=torch.long), model.rope)
     assert x_zero[:, 1::2].abs().max() == 0 and x_tok0[:, 1::2].abs().max() > 0
-
-
 
 
 def teacher_forced_kv(model, tokens, labels, order):
@@ -325,16 +323,6 @@ def test_cached_decoding_equals_teacher_forcing(steps, cfg_scale):
     for (ck, cv), (k, v) in zip(final[-1], teacher_forced_kv(model, tokens, labels, order)):
         assert (ck[:3, :, :end] - k[:, :, :end]).abs().max() < 1e-4
         assert (cv[:3, :, :end] - v[:, :, :end]).abs().max() < 1e-4
-
-
-
-
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("kw",

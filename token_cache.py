@@ -109,7 +109,7 @@ def encode_source(ckpt, data, split, image_size, limit):
     """What a token file was made from; train.py refuses a cache made from something else."""
     source = {"data": data, "split": split, "image_size": image_size, "limit": limit,
               "tokenizer": files.file_fingerprint(ckpt)}
-    if data != "fashion-mnist":  # how the images were read (caches from before these are refused)
+    if data != "fashion-mnist":  # how the images were read, so a cache read otherwise is refused
         source.update(crop="adm", flip_pairs=flip_pairs(data, split))
     return source
 
@@ -147,9 +147,9 @@ def join_parts(out, world):
 
 
 def flip_coins(cache, seed, epoch):
-    """Which images read their mirrored codes this epoch (None: the cache has none). Drawn from
-    (seed, epoch) alone, for all images at once: the same for any number of processes, and after a
-    resume."""
+    """Which images read their mirrored codes this epoch (None when the cache has none). They are
+    drawn for all images at once from (seed, epoch) alone, so they are the same for any number of
+    processes and after a resume."""
     if "tokens_flipped" not in cache:
         return None
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -42,7 +42,7 @@ from randar import PRESETS, RandAR
 
 def main(args):
     rank, world, device = distributed.setup_distributed(timeout_s=args.dist_timeout)
-    check_args(args, world)
+    check_args(args, rank, world)
     # one job per folder: two would overwrite each other's checkpoints
     lock = distributed.lock_folder(args.out_dir, "--out-dir", rank)
     try:
@@ -69,7 +69,9 @@ def train(args, rank, world, device):
     torch.manual_seed(seed)  # the model's init does not depend on which stages ran before
     cfg = model_config(args, data["train"])
     model, ema, opt = make_model(cfg, args, device)
-    ddp = wrap_ddp(model, world, device)  # the module the loop calls: DDP under torchrun
+    # model holds the weights that are saved; ddp wraps it under torchrun to all-reduce gradients;
+    # forward is what the loop calls, ddp compiled with --compile.
+    ddp = wrap_ddp(model, world, device)
     forward = torch.compile(ddp, dynamic=False) if args.compile else ddp
     step, epoch, batch_in_epoch, skipped = restore(ckpt, resume, cfg, model, ema, opt, is_main)
     vq = tok.load_tokenizer(vq_path, device) if is_main else None
@@ -77,26 +79,24 @@ def train(args, rank, world, device):
     labels = data["train"]["labels"]
     sampler, per_epoch = make_sampler(len(labels), args, rank, world)
     log = Log(args, step, is_main, world, device, data["train"]["tokens"].size(1))
-    micro_batches = None
+    epoch_indices = None  # the epoch's sample indices, read at the first step and each new epoch
 
     # ---- the loop: one optimizer step over --grad-accum micro-batches per rank -----------------
     while step < args.steps:
-        if batch_in_epoch == per_epoch:
-            epoch += 1
-            batch_in_epoch = 0
-        if micro_batches is None or batch_in_epoch == 0:
-            micro_batches, coins = epoch_batches(sampler, epoch, per_epoch, data["train"], args)
+        if epoch_indices is None or batch_in_epoch == 0:
+            epoch_indices, flips = epoch_batches(sampler, epoch, per_epoch, data["train"], args)
         lr = set_learning_rate(opt, step, args)
-        micro = micro_batches[batch_in_epoch * args.grad_accum:][:args.grad_accum]
-        batches = [(token_cache.batch_tokens(data["train"], i, coins).to(device),
-                    labels[i].to(device)) for i in micro]  # this rank's share of the step
+        # this rank's share of the step: --grad-accum micro-batches of --batch-size images
+        batches = [(token_cache.batch_tokens(data["train"], indices, flips).to(device),
+                    labels[indices].to(device)) for indices in epoch_indices[batch_in_epoch]]
         for i, (x, y) in enumerate(batches):
-            # DDP all-reduces the gradients on the last micro-batch only
+            # DDP all-reduces the gradients on the last micro-batch only (one process has no DDP)
             sync = i == len(batches) - 1 or world == 1
             with (nullcontext() if sync else ddp.no_sync()), ctx:
                 _, loss = forward(x, y, order=args.order)
             (loss / len(batches)).backward()
             log.add_loss(loss.detach() / len(batches))
+        # the total norm before clipping, logged; the skip rule reads per-tensor norms after it
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         if skips_update(model, step, args):
             skipped += 1
@@ -106,31 +106,38 @@ def train(args, rank, world, device):
         opt.zero_grad(set_to_none=True)
         step += 1
         batch_in_epoch += 1
+        if batch_in_epoch == per_epoch:  # the epoch is used up; the next step starts a new one
+            epoch += 1
+            batch_in_epoch = 0
 
         # ---- the loss, validation, samples and the checkpoint, each at its interval and at the end
-        if due(step, args.log_every, args) or due(step, args.ckpt_every, args):
-            log.train(step, lr, grad_norm, last)  # stops here on a non-finite loss
-        if due(step, args.eval_every, args):
-            log.validation(step, validation_loss(ema or model, data["test"], args, device, ctx))
-        if is_main and due(step, args.sample_every, args):
+        # The loss is also read before each checkpoint, so that a NaN stops the run before it is
+        # saved.
+        if due(step, args.log_every, args.steps) or due(step, args.ckpt_every, args.steps):
+            log.train(step, lr, grad_norm, last)
+        if due(step, args.eval_every, args.steps):
+            val = validation_loss(ema or model, data["test"], args, rank, world, device, ctx)
+            log.validation(step, val)
+        if is_main and due(step, args.sample_every, args.steps):
             save_samples(ema or model, vq, args, device, ctx)
-        if due(step, args.ckpt_every, args):
+        if due(step, args.ckpt_every, args.steps):
             position = {"step": step, "data_position": {"epoch": epoch, "batch": batch_in_epoch},
                         "skipped_steps": skipped}
             save_checkpoint(model, opt, ema, position, vq_path, last, args, rank, world, device)
-        distributed.barrier()
+        distributed.barrier()  # the other ranks wait while rank 0 writes samples and checkpoints
     log.close(step, skipped, last)
 
 
-def due(step, every, args):
-    """Whether an action every `every` steps (0: never) is due after `step`; all are at the end."""
-    return (every and step % every == 0) or step == args.steps
+def due(step, every, last_step):
+    """Whether an action every `every` steps (0: never) is due after `step`; all are due at the
+    last step."""
+    return (every and step % every == 0) or step == last_step
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
 
-def check_args(args, world):
+def check_args(args, rank, world):
     """What can fail before the expensive stages, checked first."""
     if args.data != "fashion-mnist" and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
@@ -138,22 +145,20 @@ def check_args(args, world):
         raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
     checkpoints.resolve_batch_size(args, world)
     # rank 0 alone reads the data (it may download it); every rank gets its answer
-    rank = dist.get_rank() if dist.is_initialized() else 0
     distributed.rank0_decides(lambda: token_cache.check_enough_images(args, world), rank)
 
 
 def find_checkpoint(args, last, is_main):
     """(path, contents) of the checkpoint to resume from: --resume, else <out-dir>/last.pt, else
-    (None, None). Rank 0 removes the temporary files a killed run left."""
+    (None, None). Rank 0 removes the temporary files a killed run left in --out-dir."""
     resume = args.resume or (last if os.path.exists(last) else None)
     ckpt = checkpoints.load_torch_file(resume, "RandAR checkpoint") if resume else None
-    if ckpt is not None and not {"model", "optimizer", "config", "rng", "step"} <= set(ckpt):
+    needed = {"model", "optimizer", "config", "rng", "step", "data_position", "skipped_steps"}
+    if ckpt is not None and not needed <= set(ckpt):
         raise ValueError(f"{resume} is not a checkpoint written by train.py (cannot resume from "
                          "it)")
     if is_main:
-        for name in os.listdir(args.out_dir):
-            if re.search(r"\.tmp\d+(\.\w+)?$", name):
-                os.remove(os.path.join(args.out_dir, name))
+        files.remove_temporaries(args.out_dir)
     return resume, ckpt
 
 
@@ -232,7 +237,7 @@ def restore(ckpt, path, cfg, model, ema, opt, is_main):
     if is_main:
         print(f"resumed from {path} at step {ckpt['step']}")
     position = ckpt["data_position"]
-    return ckpt["step"], position["epoch"], position["batch"], ckpt.get("skipped_steps", 0)
+    return ckpt["step"], position["epoch"], position["batch"], ckpt["skipped_steps"]
 
 
 def restore_random_state(ckpt, rank, world, device):
@@ -259,11 +264,11 @@ def make_sampler(n_images, args, rank, world):
 # One step's parts
 
 def epoch_batches(sampler, epoch, per_epoch, token_file, args):
-    """The epoch's micro-batches of sample indices [per_epoch * grad_accum, batch], the same
-    shuffle on every rank, and the epoch's flip coins."""
+    """This rank's share of the epoch's shuffle as sample indices [per_epoch, grad_accum, batch],
+    and the epoch's flips (which of an image's two code sets each read takes)."""
     sampler.set_epoch(epoch)
     used = per_epoch * args.grad_accum * args.batch_size
-    indices = torch.tensor(list(sampler)[:used]).view(-1, args.batch_size)
+    indices = torch.tensor(list(sampler)[:used]).view(per_epoch, args.grad_accum, args.batch_size)
     return indices, token_cache.flip_coins(token_file, args.seed, epoch)
 
 
@@ -311,20 +316,17 @@ def update_ema(ema, model, step, max_decay):
 # Validation, samples, the log
 
 @torch.no_grad()
-def validation_loss(model, data, args, device, ctx):
+def validation_loss(model, data, args, rank, world, device, ctx):
     """Mean nats per token on held-out tokens, in the training order (fixed random orders)."""
     model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tokens = data["tokens"][:args.val_limit].long()
     labels = data["labels"][:args.val_limit]
     g = torch.Generator().manual_seed(1234)  # the same orders at every evaluation
-    orders = "raster"
-    if args.order == "random":
-        orders = torch.rand(tokens.shape, generator=g).argsort(1)
+    orders = torch.rand(tokens.shape, generator=g).argsort(1) if args.order == "random" else None
     total = count = 0.0
     for i in range(rank * args.batch_size, len(tokens), world * args.batch_size):
         sl = slice(i, i + args.batch_size)
-        order = orders[sl].to(device) if args.order == "random" else "raster"
+        order = "raster" if orders is None else orders[sl].to(device)
         with ctx:
             _, loss = model(tokens[sl].to(device), labels[sl].to(device), order=order)
         total += loss.item() * len(tokens[sl])
