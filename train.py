@@ -96,7 +96,7 @@ def train(args, rank, world, device):
                 _, loss = forward(x, y, order=args.order)
             (loss / len(batches)).backward()
             log.add_loss(loss.detach() / len(batches))
-        # the total norm before clipping, logged; the skip rule reads per-tensor norms after it
+        # The log shows the total norm before clipping. The skip rule sums per-tensor norms after.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         if skips_update(model, step, args):
             skipped += 1
