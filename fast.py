@@ -79,8 +79,9 @@ def written_out_attention(q, k, v, attn_mask, is_causal=False, dropout_p=0.0, en
 
 @contextlib.contextmanager
 def written_out_and_frozen():
-    """While dynamo compiles the CPU step, inductor freezes the weights and traces the written-out
-    attention in place of torch's kernel."""
+    """Around compiled decoding on the CPU: when dynamo compiles the step, inductor freezes the
+    weights and traces the written-out attention in place of torch's kernel. The eager prefill
+    inside the same call runs the written-out attention too, which computes the same thing."""
     from torch._inductor import config
     sdpa_written_out = mock.patch.object(F, "scaled_dot_product_attention", written_out_attention)
     with config.patch(freezing=True), sdpa_written_out:

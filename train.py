@@ -138,7 +138,8 @@ def due(step, every, last_step):
 # Set-up
 
 def check_args(args, rank, world):
-    """What can fail before the expensive stages, checked first."""
+    """What can fail before the expensive stages, checked first; --global-batch-size becomes the
+    per-rank --batch-size here."""
     if args.data != "fashion-mnist" and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data folder not found: {args.data}")
     if args.resume and not os.path.isfile(args.resume):
